@@ -1,0 +1,193 @@
+// pybind11 bindings: the only file that knows Python. softprompt.ops validates user input with
+// friendly messages first; the checks here are a second line so that a direct call to _core can
+// raise but never read or write out of bounds. Arrays must already be C-contiguous with the right
+// dtype (noconvert: nothing is silently cast or copied here). Kernels run without the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "prefix_attention.h"
+#include "prepend.h"
+#include "threads.h"
+
+namespace py = pybind11;
+using namespace softprompt;
+
+namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+using Mask = std::optional<py::array_t<bool, py::array::c_style>>;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Raises ValueError unless `a` has exactly the shape `want`.
+void expect_shape(const py::array& a, const char* name, const std::vector<py::ssize_t>& want) {
+  bool ok = a.ndim() == py::ssize_t(want.size());
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = a.shape(i) == want[i];
+  if (!ok) {
+    std::string w = "(";
+    for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+    throw py::value_error(std::string(name) + ": expected shape " + w +
+                          (want.size() == 1 ? ",)" : ")") + ", got " + shape_str(a));
+  }
+}
+
+void expect_ndim(const py::array& a, const char* name, py::ssize_t ndim) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(ndim) +
+                          " dimensions, got shape " + shape_str(a));
+}
+
+// Reads and checks the attention sizes from q [B,T,H,D], k [B,S,Hkv,D], prefix [(B,)P,Hkv,D].
+template <typename T>
+AttentionShape attention_shape(const Array<T>& q, const Array<T>& k, const Array<T>& v,
+                               const Array<T>& pk, const Array<T>& pv, const Mask& mask,
+                               bool causal, double scale) {
+  expect_ndim(q, "q", 4);
+  expect_ndim(k, "k", 4);
+  AttentionShape s{};
+  s.B = q.shape(0), s.T = q.shape(1), s.H = q.shape(2), s.D = q.shape(3);
+  s.S = k.shape(1), s.Hkv = k.shape(2);
+  if (s.B < 1 || s.T < 1 || s.H < 1 || s.D < 1 || s.S < 1 || s.Hkv < 1)
+    throw py::value_error("q, k: every dimension must be at least 1, got q " + shape_str(q) +
+                          " and k " + shape_str(k));
+  if (s.H % s.Hkv)
+    throw py::value_error("k: kv heads (" + std::to_string(s.Hkv) +
+                          ") must divide the query heads (" + std::to_string(s.H) + ")");
+  expect_shape(k, "k", {s.B, s.S, s.Hkv, s.D});
+  expect_shape(v, "v", {s.B, s.S, s.Hkv, s.D});
+  s.prefix_per_row = pk.ndim() == 4;
+  if (pk.ndim() != 3 && pk.ndim() != 4)
+    throw py::value_error("prefix_k: expected 3 or 4 dimensions, got shape " + shape_str(pk));
+  s.P = pk.shape(pk.ndim() - 3);
+  if (s.prefix_per_row) {
+    expect_shape(pk, "prefix_k", {s.B, s.P, s.Hkv, s.D});
+    expect_shape(pv, "prefix_v", {s.B, s.P, s.Hkv, s.D});
+  } else {
+    expect_shape(pk, "prefix_k", {s.P, s.Hkv, s.D});
+    expect_shape(pv, "prefix_v", {s.P, s.Hkv, s.D});
+  }
+  if (mask) expect_shape(*mask, "key_padding_mask", {s.B, s.S});
+  s.causal = causal;
+  s.scale = scale;
+  return s;
+}
+
+const uint8_t* mask_ptr(const Mask& mask) {
+  return mask ? reinterpret_cast<const uint8_t*>(mask->data()) : nullptr;
+}
+
+template <typename T>
+py::tuple attention_forward(const Array<T>& q, const Array<T>& k, const Array<T>& v,
+                            const Array<T>& pk, const Array<T>& pv, bool causal,
+                            const Mask& mask, double scale) {
+  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale);
+  Array<T> out({s.B, s.T, s.H, s.D}), lse({s.B, s.H, s.T});
+  T *o = out.mutable_data(), *l = lse.mutable_data();
+  {
+    py::gil_scoped_release release;
+    prefix_attention_forward<T>(s, q.data(), k.data(), v.data(), pk.data(), pv.data(),
+                                mask_ptr(mask), o, l);
+  }
+  return py::make_tuple(out, lse);
+}
+
+template <typename T>
+py::tuple attention_backward(const Array<T>& dout, const Array<T>& q, const Array<T>& k,
+                             const Array<T>& v, const Array<T>& pk, const Array<T>& pv,
+                             const Array<T>& out, const Array<T>& lse, bool causal,
+                             const Mask& mask, double scale) {
+  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale);
+  expect_shape(dout, "dout", {s.B, s.T, s.H, s.D});
+  expect_shape(out, "out", {s.B, s.T, s.H, s.D});
+  expect_shape(lse, "lse", {s.B, s.H, s.T});
+  Array<T> dq({s.B, s.T, s.H, s.D}), dk({s.B, s.S, s.Hkv, s.D}), dv({s.B, s.S, s.Hkv, s.D});
+  std::vector<py::ssize_t> pshape(pk.shape(), pk.shape() + pk.ndim());
+  Array<T> dpk(pshape), dpv(pshape);
+  T *dqp = dq.mutable_data(), *dkp = dk.mutable_data(), *dvp = dv.mutable_data();
+  T *dpkp = dpk.mutable_data(), *dpvp = dpv.mutable_data();
+  {
+    py::gil_scoped_release release;
+    prefix_attention_backward<T>(s, dout.data(), q.data(), k.data(), v.data(), pk.data(),
+                                 pv.data(), mask_ptr(mask), out.data(), lse.data(), dqp, dkp,
+                                 dvp, dpkp, dpvp);
+  }
+  return py::make_tuple(dq, dk, dv, dpk, dpv);
+}
+
+template <typename T>
+Array<T> prepend_fwd(const Array<T>& prompt, const Array<T>& x) {
+  expect_ndim(x, "x", 3);
+  const py::ssize_t B = x.shape(0), T_ = x.shape(1), D = x.shape(2);
+  const bool per_row = prompt.ndim() == 3;
+  if (prompt.ndim() != 2 && !per_row)
+    throw py::value_error("prompt: expected 2 or 3 dimensions, got shape " + shape_str(prompt));
+  const py::ssize_t P = prompt.shape(prompt.ndim() - 2);
+  if (per_row) expect_shape(prompt, "prompt", {B, P, D});
+  else expect_shape(prompt, "prompt", {P, D});
+  Array<T> y({B, P + T_, D});
+  T* yp = y.mutable_data();
+  {
+    py::gil_scoped_release release;
+    prepend_forward<T>(B, P, T_, D, prompt.data(), per_row, x.data(), yp);
+  }
+  return y;
+}
+
+template <typename T>
+py::tuple prepend_bwd(const Array<T>& dy, py::ssize_t prompt_length, bool shared) {
+  expect_ndim(dy, "dy", 3);
+  const py::ssize_t B = dy.shape(0), L = dy.shape(1), D = dy.shape(2);
+  if (prompt_length < 0 || prompt_length > L)
+    throw py::value_error("prompt_length: expected 0 <= prompt_length <= " + std::to_string(L) +
+                          ", got " + std::to_string(prompt_length));
+  const py::ssize_t P = prompt_length, T_ = L - P;
+  Array<T> dprompt = shared ? Array<T>({P, D}) : Array<T>({B, P, D});
+  Array<T> dx({B, T_, D});
+  T *dpp = dprompt.mutable_data(), *dxp = dx.mutable_data();
+  {
+    py::gil_scoped_release release;
+    prepend_backward<T>(B, P, T_, D, dy.data(), shared, dpp, dxp);
+  }
+  return py::make_tuple(dprompt, dx);
+}
+
+template <typename T>
+void bind_dtype(py::module_& m) {
+  m.def("prefix_attention_forward", &attention_forward<T>, py::arg("q").noconvert(),
+        py::arg("k").noconvert(), py::arg("v").noconvert(), py::arg("prefix_k").noconvert(),
+        py::arg("prefix_v").noconvert(), py::arg("causal"), py::arg("key_padding_mask").noconvert(),
+        py::arg("scale"));
+  m.def("prefix_attention_backward", &attention_backward<T>, py::arg("dout").noconvert(),
+        py::arg("q").noconvert(), py::arg("k").noconvert(), py::arg("v").noconvert(),
+        py::arg("prefix_k").noconvert(), py::arg("prefix_v").noconvert(),
+        py::arg("out").noconvert(), py::arg("lse").noconvert(), py::arg("causal"),
+        py::arg("key_padding_mask").noconvert(), py::arg("scale"));
+  m.def("prepend_forward", &prepend_fwd<T>, py::arg("prompt").noconvert(),
+        py::arg("x").noconvert());
+  m.def("prepend_backward", &prepend_bwd<T>, py::arg("dy").noconvert(),
+        py::arg("prompt_length"), py::arg("shared"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "softprompt's compiled kernels (Eigen + OpenMP); use softprompt.ops instead.";
+  bind_dtype<float>(m);
+  bind_dtype<double>(m);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
+    set_num_threads(n);
+  }, py::arg("n"));
+  m.def("get_num_threads", &num_threads);
+  m.def("has_openmp", &has_openmp);
+}

@@ -1,0 +1,233 @@
+"""The public ops: prefix attention and the prompt prepend, forward and backward.
+
+Every op validates its input once, here, then runs on the C++ core (``backend="cpp"``, the
+default) or on the NumPy reference (``backend="numpy"``), so the two can be compared anywhere.
+The default backend is a module setting: ``set_backend`` / ``get_backend`` / ``use_backend``.
+
+Input rules (the same for both backends):
+- arrays are ``numpy.ndarray`` of float32 or float64, all of one dtype; outputs take that dtype.
+- non-contiguous and negative-stride views are accepted: they are copied to C order first
+  (``numpy.ascontiguousarray``), which costs one copy of that argument.
+- every dimension must be at least 1, except the prefix/prompt length P, which may be 0.
+- NaN or Inf in the inputs is not checked (that would cost a pass over memory): it propagates to
+  the outputs of the rows it touches, as in any attention, and never crashes. A key hidden by a
+  mask never contributes, whatever its value; a query that sees no key at all gets zeros.
+Bad input raises TypeError (wrong type or dtype) or ValueError (wrong shape or value) naming the
+argument and the expected vs actual shape or dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from . import reference
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only in a broken install
+    raise ImportError(
+        "softprompt's compiled core (softprompt._core) is missing; reinstall with `pip install .`"
+    ) from exc
+
+__all__ = [
+    "prefix_attention_forward",
+    "prefix_attention_backward",
+    "prepend_forward",
+    "prepend_backward",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+]
+
+BACKENDS = ("cpp", "numpy")
+_backend = "cpp"
+
+
+def set_backend(name: str) -> None:
+    """Choose where ops run by default: "cpp" (the compiled core) or "numpy" (the reference)."""
+    global _backend
+    _backend = _check_backend(name)
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("numpy"): ...`` runs the ops inside on that backend."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _check_backend(name):
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+# --------------------------------------------------------------------------- validation
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _array(name, a, dtype=None):
+    """Checks type and dtype of one float input; returns it C-contiguous."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} does not match q's dtype {dtype}; use one dtype for all inputs")
+    return np.ascontiguousarray(a)
+
+
+def _expect_shape(name, a, dims):
+    """dims: list of (label, size or None). Raises ValueError with both shapes on a mismatch."""
+    ok = a.ndim == len(dims) and all(size is None or n == size for n, (_, size) in zip(a.shape, dims))
+    if not ok:
+        want = ", ".join(label if size is None else f"{label}={size}" for label, size in dims)
+        raise ValueError(f"{name}: expected shape [{want}], got {tuple(a.shape)}")
+
+
+def _expect_nonempty(name, a, labels):
+    for n, label in zip(a.shape, labels):
+        if n < 1:
+            raise ValueError(f"{name}: dimension {label} must be at least 1, got shape {tuple(a.shape)}")
+
+
+def _check_scale(scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return float(scale)
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """-> contiguous arrays, the mask (or None), causal and the resolved scale."""
+    q = _array("q", q)
+    dt = q.dtype
+    k, v = _array("k", k, dt), _array("v", v, dt)
+    prefix_k, prefix_v = _array("prefix_k", prefix_k, dt), _array("prefix_v", prefix_v, dt)
+    _expect_shape("q", q, [("B", None), ("T", None), ("H", None), ("D", None)])
+    _expect_nonempty("q", q, "BTHD")
+    B, T, H, D = q.shape
+    _expect_shape("k", k, [("B", B), ("S", None), ("Hkv", None), ("D", D)])
+    _expect_nonempty("k", k, "BSHD")
+    S, Hkv = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"k: kv heads Hkv={Hkv} must divide the query heads H={H} (grouped-query attention)")
+    _expect_shape("v", v, [("B", B), ("S", S), ("Hkv", Hkv), ("D", D)])
+    if prefix_k.ndim == 4:
+        _expect_shape("prefix_k", prefix_k, [("B", B), ("P", None), ("Hkv", Hkv), ("D", D)])
+    else:
+        _expect_shape("prefix_k", prefix_k, [("P", None), ("Hkv", Hkv), ("D", D)])
+    _expect_shape("prefix_v", prefix_v, [(label, n) for label, n in zip("BPHD" if prefix_k.ndim == 4 else "PHD", prefix_k.shape)])
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, np.ndarray):
+            raise TypeError(f"key_padding_mask: expected a numpy.ndarray or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != np.bool_:
+            raise TypeError(
+                f"key_padding_mask: expected dtype bool (True = real token), got {key_padding_mask.dtype}; "
+                "use mask.astype(bool)"
+            )
+        _expect_shape("key_padding_mask", key_padding_mask, [("B", B), ("S", S)])
+        key_padding_mask = np.ascontiguousarray(key_padding_mask)
+    return q, k, v, prefix_k, prefix_v, _check_flag("causal", causal), key_padding_mask, _check_scale(scale, D)
+
+
+# --------------------------------------------------------------------------- prefix attention
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None, backend=None):
+    """Attention of q over [prefix | input] keys and values.
+
+    q [B, T, H, D]; k, v [B, S, Hkv, D] (Hkv divides H: query head h uses kv head h // (H // Hkv));
+    prefix_k, prefix_v [P, Hkv, D] shared by the batch, or [B, P, Hkv, D] one per row (P >= 0).
+    causal: query i sees input key j iff j <= i + (S - T); the prefix is always visible.
+    key_padding_mask: bool [B, S], True = real token; prefix keys stay visible.
+    scale: defaults to 1 / sqrt(D).
+    -> out [B, T, H, D], lse [B, H, T] (log-sum-exp of the scaled visible scores; a query that sees
+    no key gets out = 0 and lse = -inf).
+    """
+    q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    if _check_backend(backend or _backend) == "numpy":
+        return reference.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, scale=scale)
+    return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale)
+
+
+def prefix_attention_backward(
+    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, backend=None
+):
+    """Gradients of prefix_attention_forward, given dout [B, T, H, D] and the forward's out and lse.
+
+    -> (dq [B, T, H, D], dk [B, S, Hkv, D], dv [B, S, Hkv, D], dprefix_k, dprefix_v shaped like the
+    prefix). A shared prefix's gradients are summed over the batch; with grouped-query attention
+    dk/dv (and the prefix's) sum over the query heads of each group.
+    """
+    q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    B, T, H, D = q.shape
+    dout, out, lse = _array("dout", dout, q.dtype), _array("out", out, q.dtype), _array("lse", lse, q.dtype)
+    _expect_shape("dout", dout, [("B", B), ("T", T), ("H", H), ("D", D)])
+    _expect_shape("out", out, [("B", B), ("T", T), ("H", H), ("D", D)])
+    _expect_shape("lse", lse, [("B", B), ("H", H), ("T", T)])
+    if _check_backend(backend or _backend) == "numpy":
+        return reference.prefix_attention_backward(
+            dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale
+        )
+    return _core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, mask, scale)
+
+
+# --------------------------------------------------------------------------- prompt prepend
+def prepend_forward(prompt, x, *, backend=None):
+    """y = [prompt | x] along the sequence.
+
+    prompt [P, D] shared by the batch, or [B, P, D] one per row (P >= 0); x [B, T, D] -> y [B, P+T, D].
+    """
+    x = _array("x", x)
+    prompt = _array("prompt", prompt, x.dtype)
+    _expect_shape("x", x, [("B", None), ("T", None), ("D", None)])
+    _expect_nonempty("x", x, "BTD")
+    B, T, D = x.shape
+    if prompt.ndim == 3:
+        _expect_shape("prompt", prompt, [("B", B), ("P", None), ("D", D)])
+    else:
+        _expect_shape("prompt", prompt, [("P", None), ("D", D)])
+    if _check_backend(backend or _backend) == "numpy":
+        return reference.prepend_forward(prompt, x)
+    return _core.prepend_forward(prompt, x)
+
+
+def prepend_backward(dy, prompt_length, *, shared=True, backend=None):
+    """Gradient of prepend_forward.  dy [B, P+T, D], prompt_length P ->
+    (dprompt [P, D] summed over the batch if shared, else [B, P, D]; dx [B, T, D])."""
+    dy = _array("dy", dy)
+    _expect_shape("dy", dy, [("B", None), ("P+T", None), ("D", None)])
+    _expect_nonempty("dy", dy, ("B", "P+T", "D"))
+    if isinstance(prompt_length, (bool, np.bool_)):
+        raise TypeError("prompt_length: expected an int, got bool")
+    try:
+        P = operator.index(prompt_length)
+    except TypeError:
+        raise TypeError(f"prompt_length: expected an int, got {type(prompt_length).__name__}") from None
+    if not 0 <= P < dy.shape[1]:
+        raise ValueError(f"prompt_length: expected 0 <= prompt_length < {dy.shape[1]} (dy's sequence length), got {P}")
+    shared = _check_flag("shared", shared)
+    if _check_backend(backend or _backend) == "numpy":
+        return reference.prepend_backward(dy, P, shared=shared)
+    return _core.prepend_backward(dy, P, shared)

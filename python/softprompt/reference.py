@@ -1,0 +1,173 @@
+"""NumPy reference: the seed's prompt and prefix tuning, plus the backward passes it leaves out.
+
+This module is the correctness oracle for the C++ core, the speed baseline in bench/, and the
+documentation of the math. It favours plain, whole-array NumPy over speed: the attention builds
+the full [B, H, T, P+S] score tensor. No input validation here; softprompt.ops does that.
+
+Shapes: q [B, T, H, D]; k, v [B, S, Hkv, D]; prefix_k, prefix_v [P, Hkv, D] (shared by the batch)
+or [B, P, Hkv, D] (one per row); out [B, T, H, D]; lse [B, H, T].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "PromptTuning",
+    "PrefixTuning",
+    "attention",
+    "attention_with_prefix",
+    "prefix_attention_forward",
+    "prefix_attention_backward",
+    "prepend_forward",
+    "prepend_backward",
+]
+
+
+# --------------------------------------------------------------------------- prompt prepend
+def prepend_forward(prompt, x):
+    """y = [prompt | x] along the sequence.  prompt [P, D] or [B, P, D]; x [B, T, D] -> y [B, P+T, D]."""
+    B = x.shape[0]
+    if prompt.ndim == 2:
+        prompt = np.broadcast_to(prompt, (B, *prompt.shape))
+    return np.concatenate([prompt, x], axis=1)
+
+
+def prepend_backward(dy, prompt_length, *, shared=True):
+    """dy [B, P+T, D] -> (dprompt [P, D] summed over the batch, or [B, P, D]; dx [B, T, D])."""
+    dprompt = dy[:, :prompt_length]
+    dprompt = dprompt.sum(axis=0) if shared else dprompt.copy()
+    return dprompt, dy[:, prompt_length:].copy()
+
+
+class PromptTuning:
+    """The seed's learned soft prompt, prepended to the input embeddings."""
+
+    def __init__(self, d_model: int, prompt_length: int = 20, rng=None):
+        rng = np.random.default_rng() if rng is None else rng
+        self.d_model = d_model  # the seed forgot this one
+        self.prompt_length = prompt_length
+        self.prompt = rng.standard_normal((prompt_length, d_model)) * 0.01  # [P, d_model]
+        self.prompt_grad = None
+
+    def forward(self, input_embeds):
+        """input_embeds [B, T, d_model] -> [B, P+T, d_model]."""
+        return prepend_forward(self.prompt, input_embeds)
+
+    def backward(self, grad_output):
+        """grad_output [B, P+T, d_model] -> gradient of the input embeddings [B, T, d_model]."""
+        self.prompt_grad, dx = prepend_backward(grad_output, self.prompt_length)
+        return dx
+
+
+# --------------------------------------------------------------------------- prefix attention
+class PrefixTuning:
+    """The seed's learned key/value prefixes, one pair per attention layer."""
+
+    def __init__(self, num_layers: int, num_heads: int, d_head: int, prefix_length: int = 10, rng=None):
+        rng = np.random.default_rng() if rng is None else rng
+        self.num_layers, self.num_heads, self.d_head = num_layers, num_heads, d_head
+        self.prefix_length = prefix_length
+        # [num_layers, 2 (key, value), prefix_length, num_heads, d_head]
+        self.prefix = rng.standard_normal((num_layers, 2, prefix_length, num_heads, d_head)) * 0.01
+
+    def get_prefix(self, layer_idx: int):
+        """-> (prefix_k, prefix_v), each [prefix_length, num_heads, d_head]."""
+        return self.prefix[layer_idx, 0], self.prefix[layer_idx, 1]
+
+
+def attention(Q, K, V):
+    """Plain softmax attention.  Q [B, T, H, D]; K, V [B, S, H, D] -> [B, T, H, D]."""
+    out, _ = prefix_attention_forward(Q, K, V, K[0, :0], V[0, :0])
+    return out
+
+
+def attention_with_prefix(Q, K, V, prefix_k, prefix_v):
+    """The seed's function: attention over [prefix | input] keys.  Shapes as in the module doc."""
+    out, _ = prefix_attention_forward(Q, K, V, prefix_k, prefix_v)
+    return out
+
+
+def _full_keys(k, v, prefix_k, prefix_v, H):
+    """Concatenate the prefix and repeat kv heads for grouped-query attention.
+    -> k_full, v_full [B, P+S, H, D]."""
+    B = k.shape[0]
+    if prefix_k.ndim == 3:
+        prefix_k = np.broadcast_to(prefix_k, (B, *prefix_k.shape))
+        prefix_v = np.broadcast_to(prefix_v, (B, *prefix_v.shape))
+    group = H // k.shape[2]  # query head h uses kv head h // group
+    k_full = np.repeat(np.concatenate([prefix_k, k], axis=1), group, axis=2)
+    v_full = np.repeat(np.concatenate([prefix_v, v], axis=1), group, axis=2)
+    return k_full, v_full
+
+
+def _visible(B, T, S, P, causal, key_padding_mask):
+    """Which keys each query sees -> bool [B, 1, T, P+S]. The prefix is always visible."""
+    vis = np.ones((B, 1, T, P + S), dtype=bool)
+    if causal:  # query i sees input key j iff j <= i + (S - T)
+        i = np.arange(T)[:, None]
+        j = np.arange(S)[None, :]
+        vis[:, :, :, P:] &= j <= i + (S - T)
+    if key_padding_mask is not None:
+        vis[:, :, :, P:] &= key_padding_mask[:, None, None, :]
+    return vis
+
+
+def _probabilities(q, k_full, visible, scale):
+    """Masked softmax.  -> p [B, H, T, P+S], lse [B, H, T] (-inf where a query sees no key)."""
+    scores = scale * np.einsum("bthd,bshd->bhts", q, k_full)
+    scores = np.where(visible, scores, -np.inf)
+    m = scores.max(axis=-1, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(visible, np.exp(scores - m_safe), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total > 0, e / total, 0.0)
+        lse = np.where(total > 0, m_safe + np.log(total), -np.inf)[..., 0]
+    return p.astype(q.dtype, copy=False), lse.astype(q.dtype, copy=False)
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None):
+    """softmax(scale * q [prefix_k | k]^T) [prefix_v | v]  -> (out [B, T, H, D], lse [B, H, T])."""
+    B, T, H, D = q.shape
+    S, P = k.shape[1], prefix_k.shape[-3]
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
+    p, lse = _probabilities(q, k_full, _visible(B, T, S, P, causal, key_padding_mask), scale)
+    out = np.einsum("bhts,bshd->bthd", p, v_full)
+    return out.astype(q.dtype, copy=False), lse
+
+
+def prefix_attention_backward(
+    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None
+):
+    """Gradients of the forward.  -> (dq, dk, dv, dprefix_k, dprefix_v), shaped like their inputs.
+
+    With p = softmax(s), s = scale * q k^T:  dv = p^T do;  dp = do v^T;
+    ds = p * (dp - rowsum(do * out));  dq = scale * ds k;  dk = scale * ds^T q.
+    """
+    B, T, H, D = q.shape
+    S, Hkv, P = k.shape[1], k.shape[2], prefix_k.shape[-3]
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
+    visible = _visible(B, T, S, P, causal, key_padding_mask)
+    scores = scale * np.einsum("bthd,bshd->bhts", q, k_full)
+    lse_safe = np.where(np.isfinite(lse), lse, 0.0)[..., None]
+    hidden_row = ~np.isfinite(lse)[..., None]
+    with np.errstate(over="ignore"):  # hidden scores may overflow; they are dropped
+        p = np.where(visible & ~hidden_row, np.exp(scores - lse_safe), 0.0)  # recomputed from lse
+    dv_full = np.einsum("bhts,bthd->bshd", p, dout)
+    dp = np.einsum("bthd,bshd->bhts", dout, v_full)
+    delta = np.einsum("bthd,bthd->bht", dout, out)[..., None]
+    ds = p * (dp - delta)
+    dq = scale * np.einsum("bhts,bshd->bthd", ds, k_full)
+    dk_full = scale * np.einsum("bhts,bthd->bshd", ds, q)
+    # Fold the repeated query heads back onto their kv head, then split prefix from input.
+    group = H // Hkv
+    dk_full = dk_full.reshape(B, P + S, Hkv, group, D).sum(axis=3)
+    dv_full = dv_full.reshape(B, P + S, Hkv, group, D).sum(axis=3)
+    dprefix_k, dprefix_v = dk_full[:, :P], dv_full[:, :P]
+    if prefix_k.ndim == 3:  # shared prefix: sum over the batch
+        dprefix_k, dprefix_v = dprefix_k.sum(axis=0), dprefix_v.sum(axis=0)
+    cast = lambda a: np.ascontiguousarray(a, dtype=q.dtype)  # noqa: E731
+    return cast(dq), cast(dk_full[:, P:]), cast(dv_full[:, P:]), cast(dprefix_k), cast(dprefix_v)
