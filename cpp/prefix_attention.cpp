@@ -112,10 +112,12 @@ void chunk_scores(Block<T>& scores, const Block<T>& qs, const HeadView<T>& hv, c
     scores.rightCols(c.j1 - c.j0).noalias() = qs * hv.keys(c.j0, c.j1).transpose();
 }
 
-// Per-thread scratch, sized for one query block against the widest chunk.
+// Per-thread scratch, sized for one query block against the widest chunk. Eigen vectors start
+// 64-byte aligned, so vectorized reductions peel the same way on every thread: the results do
+// not depend on which thread ran an item.
 template <typename T>
 struct Scratch {
-  std::vector<T> qs, scores, dscores, acc;
+  Vec<T> qs, scores, dscores, acc;
   Vec<T> m, l, alpha, aux;
   explicit Scratch(const AttentionShape& s) {
     const int64_t width = s.P + std::min(s.S, kKeyChunk);

@@ -10,8 +10,10 @@ Input rules (the same for both backends):
   (``numpy.ascontiguousarray``), which costs one copy of that argument.
 - every dimension must be at least 1, except the prefix/prompt length P, which may be 0.
 - NaN or Inf in the inputs is not checked (that would cost a pass over memory): it propagates to
-  the outputs of the rows it touches, as in any attention, and never crashes. A key hidden by a
-  mask never contributes, whatever its value; a query that sees no key at all gets zeros.
+  the outputs of the rows it touches, as in any attention, and never crashes. The score of a key
+  hidden by a mask never counts, even if it is NaN or Inf; a NaN/Inf *value* row at a hidden
+  position still propagates (0 * Inf = NaN in the product), so keep padded positions finite. A
+  query that sees no key at all gets zeros (and lse = -inf), never NaN.
 Bad input raises TypeError (wrong type or dtype) or ValueError (wrong shape or value) naming the
 argument and the expected vs actual shape or dtype.
 """

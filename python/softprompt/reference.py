@@ -2,7 +2,8 @@
 
 This module is the correctness oracle for the C++ core, the speed baseline in bench/, and the
 documentation of the math. It favours plain, whole-array NumPy over speed: the attention builds
-the full [B, H, T, P+S] score tensor. No input validation here; softprompt.ops does that.
+the full [B, H, T, P+S] score tensor with
+batched matmul (BLAS). No input validation here; softprompt.ops does that.
 
 Shapes: q [B, T, H, D]; k, v [B, S, Hkv, D]; prefix_k, prefix_v [P, Hkv, D] (shared by the batch)
 or [B, P, Hkv, D] (one per row); out [B, T, H, D]; lse [B, H, T].
@@ -88,16 +89,21 @@ def attention_with_prefix(Q, K, V, prefix_k, prefix_v):
     return out
 
 
+def _heads_first(a):
+    """[B, N, H, D] -> [B, H, N, D], so that batched matmul (BLAS) works per (batch, head)."""
+    return a.transpose(0, 2, 1, 3)
+
+
 def _full_keys(k, v, prefix_k, prefix_v, H):
     """Concatenate the prefix and repeat kv heads for grouped-query attention.
-    -> k_full, v_full [B, P+S, H, D]."""
+    -> k_full, v_full [B, H, P+S, D]."""
     B = k.shape[0]
     if prefix_k.ndim == 3:
         prefix_k = np.broadcast_to(prefix_k, (B, *prefix_k.shape))
         prefix_v = np.broadcast_to(prefix_v, (B, *prefix_v.shape))
     group = H // k.shape[2]  # query head h uses kv head h // group
-    k_full = np.repeat(np.concatenate([prefix_k, k], axis=1), group, axis=2)
-    v_full = np.repeat(np.concatenate([prefix_v, v], axis=1), group, axis=2)
+    k_full = np.repeat(_heads_first(np.concatenate([prefix_k, k], axis=1)), group, axis=1)
+    v_full = np.repeat(_heads_first(np.concatenate([prefix_v, v], axis=1)), group, axis=1)
     return k_full, v_full
 
 
@@ -113,9 +119,14 @@ def _visible(B, T, S, P, causal, key_padding_mask):
     return vis
 
 
-def _probabilities(q, k_full, visible, scale):
+def _scores(q, k_full, scale):
+    """q [B, T, H, D], k_full [B, H, P+S, D] -> scale * q k^T [B, H, T, P+S]."""
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf in hidden keys are masked later
+        return scale * (_heads_first(q) @ k_full.swapaxes(-1, -2))
+
+
+def _probabilities(scores, visible):
     """Masked softmax.  -> p [B, H, T, P+S], lse [B, H, T] (-inf where a query sees no key)."""
-    scores = scale * np.einsum("bthd,bshd->bhts", q, k_full)
     scores = np.where(visible, scores, -np.inf)
     m = scores.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
@@ -124,7 +135,7 @@ def _probabilities(q, k_full, visible, scale):
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.where(total > 0, e / total, 0.0)
         lse = np.where(total > 0, m_safe + np.log(total), -np.inf)[..., 0]
-    return p.astype(q.dtype, copy=False), lse.astype(q.dtype, copy=False)
+    return p, lse
 
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None):
@@ -133,9 +144,9 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_p
     S, P = k.shape[1], prefix_k.shape[-3]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
-    p, lse = _probabilities(q, k_full, _visible(B, T, S, P, causal, key_padding_mask), scale)
-    out = np.einsum("bhts,bshd->bthd", p, v_full)
-    return out.astype(q.dtype, copy=False), lse
+    p, lse = _probabilities(_scores(q, k_full, scale), _visible(B, T, S, P, causal, key_padding_mask))
+    out = _heads_first(p @ v_full)
+    return np.ascontiguousarray(out, dtype=q.dtype), lse.astype(q.dtype, copy=False)
 
 
 def prefix_attention_backward(
@@ -151,21 +162,21 @@ def prefix_attention_backward(
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
     visible = _visible(B, T, S, P, causal, key_padding_mask)
-    scores = scale * np.einsum("bthd,bshd->bhts", q, k_full)
-    lse_safe = np.where(np.isfinite(lse), lse, 0.0)[..., None]
     hidden_row = ~np.isfinite(lse)[..., None]
+    lse_safe = np.where(hidden_row, 0.0, lse[..., None])
     with np.errstate(over="ignore"):  # hidden scores may overflow; they are dropped
-        p = np.where(visible & ~hidden_row, np.exp(scores - lse_safe), 0.0)  # recomputed from lse
-    dv_full = np.einsum("bhts,bthd->bshd", p, dout)
-    dp = np.einsum("bthd,bshd->bhts", dout, v_full)
-    delta = np.einsum("bthd,bthd->bht", dout, out)[..., None]
+        p = np.where(visible & ~hidden_row, np.exp(_scores(q, k_full, scale) - lse_safe), 0.0)  # from lse
+    do = _heads_first(dout)  # [B, H, T, D]
+    dv_full = p.swapaxes(-1, -2) @ do  # [B, H, P+S, D]
+    dp = do @ v_full.swapaxes(-1, -2)  # [B, H, T, P+S]
+    delta = np.sum(dout * out, axis=-1).transpose(0, 2, 1)[..., None]  # [B, H, T, 1]
     ds = p * (dp - delta)
-    dq = scale * np.einsum("bhts,bshd->bthd", ds, k_full)
-    dk_full = scale * np.einsum("bhts,bthd->bshd", ds, q)
+    dq = scale * _heads_first(ds @ k_full)
+    dk_full = scale * (ds.swapaxes(-1, -2) @ _heads_first(q))  # [B, H, P+S, D]
     # Fold the repeated query heads back onto their kv head, then split prefix from input.
     group = H // Hkv
-    dk_full = dk_full.reshape(B, P + S, Hkv, group, D).sum(axis=3)
-    dv_full = dv_full.reshape(B, P + S, Hkv, group, D).sum(axis=3)
+    dk_full = _heads_first(dk_full.reshape(B, Hkv, group, P + S, D).sum(axis=2))  # [B, P+S, Hkv, D]
+    dv_full = _heads_first(dv_full.reshape(B, Hkv, group, P + S, D).sum(axis=2))
     dprefix_k, dprefix_v = dk_full[:, :P], dv_full[:, :P]
     if prefix_k.ndim == 3:  # shared prefix: sum over the batch
         dprefix_k, dprefix_v = dprefix_k.sum(axis=0), dprefix_v.sum(axis=0)

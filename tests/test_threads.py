@@ -1,0 +1,78 @@
+"""Thread count setting, bitwise determinism across thread counts, and concurrent calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import make_problem
+
+import softprompt
+from softprompt import ops
+
+
+@pytest.fixture
+def restore_threads():
+    n = softprompt.get_num_threads()
+    yield
+    softprompt.set_num_threads(n)
+
+
+def run_all(q, k, v, pk, pv, m, causal, dout):
+    out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=m)
+    grads = ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=m)
+    return (out, lse, *grads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal,per_row,mask", [(False, False, None), (True, False, "left"), (True, True, "random")])
+def test_bitwise_identical_on_1_and_2_threads(rng, restore_threads, dtype, causal, per_row, mask):
+    # Large enough to run threaded (T > one query block, many work items), shared prefix and GQA.
+    q, k, v, pk, pv, m = make_problem(rng, 4, 150, 150, 8, 2, 32, 10, dtype=dtype, per_row=per_row, mask=mask)
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    softprompt.set_num_threads(1)
+    one = run_all(q, k, v, pk, pv, m, causal, dout)
+    softprompt.set_num_threads(2)
+    two = run_all(q, k, v, pk, pv, m, causal, dout)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    dy = rng.standard_normal((64, 20 + 100, 64)).astype(dtype)
+    softprompt.set_num_threads(1)
+    dprompt1, dx1 = ops.prepend_backward(dy, 20)
+    softprompt.set_num_threads(2)
+    dprompt2, dx2 = ops.prepend_backward(dy, 20)
+    np.testing.assert_array_equal(dprompt1, dprompt2)
+    np.testing.assert_array_equal(dx1, dx2)
+
+
+def test_set_and_get_num_threads(restore_threads):
+    softprompt.set_num_threads(3)
+    assert softprompt.get_num_threads() == 3
+    with pytest.raises(ValueError, match="n: expected a thread count >= 1, got 0"):
+        softprompt.set_num_threads(0)
+    with pytest.raises(TypeError, match="n: expected an int, got str"):
+        softprompt.set_num_threads("2")
+    with pytest.raises(TypeError, match="n: expected an int, got bool"):
+        softprompt.set_num_threads(True)
+
+
+@pytest.mark.skipif(not softprompt.has_openmp(), reason="built without OpenMP: always one thread")
+def test_omp_num_threads_is_honoured():
+    code = "import softprompt; print(softprompt.get_num_threads())"
+    env = dict(os.environ, OMP_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+
+
+def test_concurrent_calls_from_python_threads(rng):
+    # Kernels release the GIL; calls from several Python threads must not interfere.
+    problems = [make_problem(rng, 2, 70, 80, 4, 2, 16, 5, mask="right") for _ in range(4)]
+    want = [ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask=m)[0] for q, k, v, pk, pv, m in problems]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: ops.prefix_attention_forward(*p[:5], key_padding_mask=p[5])[0], problems * 3))
+    for i, g in enumerate(got):
+        np.testing.assert_array_equal(g, want[i % 4])
