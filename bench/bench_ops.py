@@ -1,0 +1,258 @@
+"""Benchmark the ops: softprompt's C++ core vs the NumPy reference vs PyTorch, side by side.
+
+    OPENBLAS_CORETYPE= OPENBLAS_L2_SIZE= python bench/bench_ops.py [--threads N] [--quick]
+
+(unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in this command only: they slow NumPy's BLAS here.)
+Prints a table (median ms, GFLOP/s, ratios), writes bench/results/ops.json and, when matplotlib is
+installed, bench/results/ops_speedup.png. PyTorch runs only where torch is installed.
+
+Attention FLOPs: forward 4*B*H*T*K*D, backward 10*B*H*T*K*D (scores recomputed), where
+K = P + S for full attention and P + S/2 causal (only the unmasked half of the input keys counts).
+PyTorch: scaled_dot_product_attention over [prefix | input] keys (concatenated, as a user would),
+in its native [B, H, T, D] layout; a bool mask keeps the prefix visible when causal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import softprompt
+from softprompt import ops
+
+SHAPES = [  # (B, H, T, D, P); S = T, Hkv = H
+    (16, 4, 64, 32, 10),
+    (8, 12, 128, 64, 20),
+    (4, 16, 512, 64, 32),
+    (1, 32, 256, 128, 10),
+]
+PREPEND_SHAPES = [(8, 20, 64, 576), (32, 20, 512, 2048)]  # (B, P, T, D)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine():
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+
+
+def median_seconds(fn, min_time=0.4, min_reps=5, max_reps=200):
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_flops(B, H, T, D, P, causal, backward):
+    keys = P + (T / 2 if causal else T)
+    return (14 if backward else 4) * B * H * T * keys * D
+
+
+# --------------------------------------------------------------------------- contestants
+def numpy_inputs(B, H, T, D, P, rng):
+    q = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    k = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    v = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    pk = rng.standard_normal((P, H, D), dtype=np.float32)
+    pv = rng.standard_normal((P, H, D), dtype=np.float32)
+    return q, k, v, pk, pv
+
+
+def ours(backend, inputs, causal, backward):
+    q, k, v, pk, pv = inputs
+    dout = np.ones_like(q)
+
+    def run():
+        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, causal=causal, backend=backend)
+        if backward:
+            ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, backend=backend)
+
+    return run
+
+
+def torch_runner(torch, inputs, causal, backward):
+    F = torch.nn.functional
+    q, k, v, pk, pv = (torch.from_numpy(np.ascontiguousarray(a.swapaxes(-3, -2))) for a in inputs)  # heads first
+    B, H, T, D = q.shape
+    P = pk.shape[1]
+    mask = None
+    if causal:  # prefix always visible, input keys lower-triangular
+        mask = torch.ones(T, P + T, dtype=torch.bool)
+        mask[:, P:] = torch.ones(T, T, dtype=torch.bool).tril()
+    for t in (q, k, v, pk, pv):
+        t.requires_grad_(backward)
+    gout = torch.ones(B, H, T, D)
+
+    def run():
+        kf = torch.cat([pk.expand(B, H, P, D), k], dim=2)
+        vf = torch.cat([pv.expand(B, H, P, D), v], dim=2)
+        if not backward:
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask)
+            return
+        for t in (q, k, v, pk, pv):
+            t.grad = None
+        F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask).backward(gout)
+
+    return run
+
+
+# --------------------------------------------------------------------------- runs
+def bench_attention(torch, quick):
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in SHAPES[:2] if quick else SHAPES:
+        inputs = numpy_inputs(*shape, rng)
+        for causal in (False, True):
+            for backward in (False, True):
+                row = {"shape": shape, "causal": causal, "mode": "fwd+bwd" if backward else "fwd"}
+                flops = attention_flops(*shape, causal, backward)
+                contestants = {"ours": ours("cpp", inputs, causal, backward), "numpy": ours("numpy", inputs, causal, backward)}
+                if torch is not None:
+                    contestants["torch"] = torch_runner(torch, inputs, causal, backward)
+                for name, fn in contestants.items():
+                    sec = median_seconds(fn, min_time=0.2 if name == "numpy" else 0.4, min_reps=3 if name == "numpy" else 5)
+                    row[f"{name}_ms"] = sec * 1e3
+                    row[f"{name}_gflops"] = flops / sec / 1e9
+                for peer in ("numpy", "torch"):
+                    if f"{peer}_ms" in row:
+                        row[f"vs_{peer}"] = row[f"{peer}_ms"] / row["ours_ms"]
+                rows.append(row)
+                print_attention_row(row)
+    return rows
+
+
+def bench_prepend(quick):
+    rows = []
+    rng = np.random.default_rng(0)
+    for B, P, T, D in PREPEND_SHAPES[:1] if quick else PREPEND_SHAPES:
+        prompt = rng.standard_normal((P, D), dtype=np.float32)
+        x = rng.standard_normal((B, T, D), dtype=np.float32)
+        y = ops.prepend_forward(prompt, x)
+        dst = np.empty_like(y)
+        # Bytes moved: read prompt per row + x, write y (forward); read dy, write dx + dprompt (backward).
+        nbytes = 2 * y.nbytes
+        row = {"shape": (B, P, T, D), "bytes": nbytes}
+        row["memcpy_ms"] = median_seconds(lambda: np.copyto(dst, y)) * 1e3
+        row["forward_ms"] = median_seconds(lambda: ops.prepend_forward(prompt, x)) * 1e3
+        row["backward_ms"] = median_seconds(lambda: ops.prepend_backward(y, P)) * 1e3
+        row["numpy_forward_ms"] = median_seconds(lambda: ops.prepend_forward(prompt, x, backend="numpy")) * 1e3
+        row["numpy_backward_ms"] = median_seconds(lambda: ops.prepend_backward(y, P, backend="numpy")) * 1e3
+        for key in ("memcpy", "forward", "backward", "numpy_forward", "numpy_backward"):
+            row[f"{key}_gbs"] = nbytes / row[f"{key}_ms"] / 1e6
+        row["forward_vs_memcpy"] = row["forward_gbs"] / row["memcpy_gbs"]
+        row["backward_vs_memcpy"] = row["backward_gbs"] / row["memcpy_gbs"]
+        rows.append(row)
+        print(
+            f"prepend {str((B, P, T, D)):>22}  memcpy {row['memcpy_gbs']:6.1f} GB/s  "
+            f"fwd {row['forward_gbs']:6.1f} GB/s ({row['forward_vs_memcpy']:.0%})  "
+            f"bwd {row['backward_gbs']:6.1f} GB/s ({row['backward_vs_memcpy']:.0%})  "
+            f"numpy fwd {row['numpy_forward_gbs']:6.1f} bwd {row['numpy_backward_gbs']:6.1f} GB/s"
+        )
+    return rows
+
+
+def print_attention_header(has_torch):
+    peer = "  torch ms  torch GF/s  x torch" if has_torch else ""
+    print(f"{'(B, H, T, D, P)':>22} {'causal':>6} {'mode':>7}  {'ours ms':>8} {'GF/s':>6}{peer}  {'numpy ms':>9}  x numpy")
+
+
+def print_attention_row(r):
+    peer = f"  {r['torch_ms']:8.2f}  {r['torch_gflops']:10.1f}  {r['vs_torch']:7.2f}" if "torch_ms" in r else ""
+    print(
+        f"{str(r['shape']):>22} {str(r['causal']):>6} {r['mode']:>7}  {r['ours_ms']:8.2f} {r['ours_gflops']:6.1f}"
+        f"{peer}  {r['numpy_ms']:9.2f}  {r['vs_numpy']:7.1f}",
+        flush=True,
+    )
+
+
+def write_json(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        sel = [r for r in rows if r["mode"] == mode]
+        labels = [f"{r['shape']}\n{'causal' if r['causal'] else 'full'}" for r in sel]
+        xs = np.arange(len(sel))
+        peers = [p for p in ("torch", "numpy") if all(f"vs_{p}" in r for r in sel)]
+        for i, peer in enumerate(peers):
+            ax.bar(xs + (i - (len(peers) - 1) / 2) * 0.38, [r[f"vs_{peer}"] for r in sel], 0.38, label=f"vs {peer}")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, labels, fontsize=6)
+        ax.set_title(f"softprompt speedup, {mode}")
+        ax.legend()
+    fig.suptitle(f"(B, H, T, D, P), float32, {softprompt.get_num_threads()} threads", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every contestant")
+    parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
+    parser.add_argument("--out", default=str(RESULTS / "ops.json"))
+    args = parser.parse_args(argv)
+
+    softprompt.set_num_threads(args.threads)
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        threadpool_limits(args.threads)
+        blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for i in threadpool_info()]
+    except ImportError:
+        blas = "threadpoolctl not installed"
+    info = machine() | {"threads": args.threads, "torch": getattr(torch, "__version__", None), "blas": blas,
+                        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    print(json.dumps(info))
+    print_attention_header(torch is not None)
+    attention = bench_attention(torch, args.quick)
+    prepend = bench_prepend(args.quick)
+    write_json(Path(args.out), {"machine": info, "attention": attention, "prepend": prepend})
+    print(f"wrote {args.out}")
+    plot(attention, Path(args.out).with_name("ops_speedup.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
