@@ -190,4 +190,16 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("n"));
   m.def("get_num_threads", &num_threads);
   m.def("has_openmp", &has_openmp);
+  // Which attention implementation runs: "simd" (default where built) or "eigen". For tests and
+  // benchmarks; both compute the same thing.
+  m.def("set_attention_kernel", [](const std::string& name) {
+    if (name != "simd" && name != "eigen")
+      throw py::value_error("kernel: expected 'simd' or 'eigen', got '" + name + "'");
+    if (name == "simd" && !has_simd_kernel())
+      throw py::value_error("kernel: 'simd' was not built (compiler without vector extensions)");
+    set_attention_kernel(name == "simd" ? AttentionKernel::simd : AttentionKernel::eigen);
+  }, py::arg("kernel"));
+  m.def("get_attention_kernel", [] {
+    return attention_kernel() == AttentionKernel::simd ? "simd" : "eigen";
+  });
 }

@@ -1,4 +1,4 @@
-// Prefix attention on the CPU, FlashAttention-style: a query block meets the keys chunk by chunk
+// Prefix attention, the Eigen variant (see attention_simd.cpp for the fast one), FlashAttention-style: a query block meets the keys chunk by chunk
 // (the prefix and the input keys are two ranges, never concatenated), the softmax is online across
 // chunks, and only the log-sum-exp is kept for the backward, which recomputes the probabilities.
 // Extra memory is O(threads * block * chunk), never a [T, P+S] matrix for the whole batch.
@@ -10,6 +10,7 @@
 #include "prefix_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -241,7 +242,7 @@ void backward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& h
 }  // namespace
 
 template <typename T>
-void prefix_attention_forward(const AttentionShape& s, const T* q, const T* k, const T* v,
+void prefix_attention_forward_eigen(const AttentionShape& s, const T* q, const T* k, const T* v,
                               const T* prefix_k, const T* prefix_v,
                               const uint8_t* key_padding_mask, T* out, T* lse) {
   const int64_t nblocks = (s.T + kQueryBlock - 1) / kQueryBlock;
@@ -262,7 +263,7 @@ void prefix_attention_forward(const AttentionShape& s, const T* q, const T* k, c
 }
 
 template <typename T>
-void prefix_attention_backward(const AttentionShape& s, const T* dout, const T* q, const T* k,
+void prefix_attention_backward_eigen(const AttentionShape& s, const T* dout, const T* q, const T* k,
                                const T* v, const T* prefix_k, const T* prefix_v,
                                const uint8_t* key_padding_mask, const T* out, const T* lse,
                                T* dq, T* dk, T* dv, T* dprefix_k, T* dprefix_v) {
@@ -308,6 +309,63 @@ void prefix_attention_backward(const AttentionShape& s, const T* dout, const T* 
       }
     }
   }
+}
+
+#define SOFTPROMPT_INSTANTIATE(T)                                                              \
+  template void prefix_attention_forward_eigen<T>(const AttentionShape&, const T*, const T*,   \
+                                                  const T*, const T*, const T*,                \
+                                                  const uint8_t*, T*, T*);                     \
+  template void prefix_attention_backward_eigen<T>(                                           \
+      const AttentionShape&, const T*, const T*, const T*, const T*, const T*, const T*,       \
+      const uint8_t*, const T*, const T*, T*, T*, T*, T*, T*);
+SOFTPROMPT_INSTANTIATE(float)
+SOFTPROMPT_INSTANTIATE(double)
+#undef SOFTPROMPT_INSTANTIATE
+
+// ------------------------------------------------------------------------- dispatch
+namespace {
+#ifdef SOFTPROMPT_SIMD
+std::atomic<AttentionKernel> g_kernel{AttentionKernel::simd};
+#else
+std::atomic<AttentionKernel> g_kernel{AttentionKernel::eigen};
+#endif
+}  // namespace
+
+bool has_simd_kernel() {
+#ifdef SOFTPROMPT_SIMD
+  return true;
+#else
+  return false;
+#endif
+}
+void set_attention_kernel(AttentionKernel kernel) {
+  g_kernel = has_simd_kernel() ? kernel : AttentionKernel::eigen;
+}
+AttentionKernel attention_kernel() { return g_kernel; }
+
+template <typename T>
+void prefix_attention_forward(const AttentionShape& s, const T* q, const T* k, const T* v,
+                              const T* prefix_k, const T* prefix_v,
+                              const uint8_t* key_padding_mask, T* out, T* lse) {
+#ifdef SOFTPROMPT_SIMD
+  if (g_kernel == AttentionKernel::simd)
+    return prefix_attention_forward_simd(s, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse);
+#endif
+  prefix_attention_forward_eigen(s, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse);
+}
+
+template <typename T>
+void prefix_attention_backward(const AttentionShape& s, const T* dout, const T* q, const T* k,
+                               const T* v, const T* prefix_k, const T* prefix_v,
+                               const uint8_t* key_padding_mask, const T* out, const T* lse,
+                               T* dq, T* dk, T* dv, T* dprefix_k, T* dprefix_v) {
+#ifdef SOFTPROMPT_SIMD
+  if (g_kernel == AttentionKernel::simd)
+    return prefix_attention_backward_simd(s, dout, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                          out, lse, dq, dk, dv, dprefix_k, dprefix_v);
+#endif
+  prefix_attention_backward_eigen(s, dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out,
+                                  lse, dq, dk, dv, dprefix_k, dprefix_v);
 }
 
 template void prefix_attention_forward<float>(const AttentionShape&, const float*, const float*,

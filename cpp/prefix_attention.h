@@ -30,4 +30,26 @@ void prefix_attention_backward(const AttentionShape& s, const T* dout, const T* 
                                const uint8_t* key_padding_mask, const T* out, const T* lse,
                                T* dq, T* dk, T* dv, T* dprefix_k, T* dprefix_v);
 
+// Two implementations of the same math: "simd" (attention_simd.cpp: hand-blocked micro-kernels,
+// the default where the compiler has GCC/Clang vector extensions) and "eigen"
+// (prefix_attention.cpp: Eigen GEMMs on row blocks; portable, and the simpler one to read).
+enum class AttentionKernel { simd, eigen };
+bool has_simd_kernel();
+void set_attention_kernel(AttentionKernel kernel);  // simd falls back to eigen where not built
+AttentionKernel attention_kernel();
+
+#define SOFTPROMPT_DECLARE_VARIANT(suffix)                                                      \
+  template <typename T>                                                                         \
+  void prefix_attention_forward_##suffix(const AttentionShape& s, const T* q, const T* k,      \
+                                         const T* v, const T* prefix_k, const T* prefix_v,      \
+                                         const uint8_t* key_padding_mask, T* out, T* lse);      \
+  template <typename T>                                                                         \
+  void prefix_attention_backward_##suffix(                                                     \
+      const AttentionShape& s, const T* dout, const T* q, const T* k, const T* v,               \
+      const T* prefix_k, const T* prefix_v, const uint8_t* key_padding_mask, const T* out,      \
+      const T* lse, T* dq, T* dk, T* dv, T* dprefix_k, T* dprefix_v);
+SOFTPROMPT_DECLARE_VARIANT(simd)
+SOFTPROMPT_DECLARE_VARIANT(eigen)
+#undef SOFTPROMPT_DECLARE_VARIANT
+
 }  // namespace softprompt

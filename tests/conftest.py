@@ -43,3 +43,22 @@ def tolerance(dtype):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+KERNELS = ["simd", "eigen"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    """Runs a test once per C++ attention implementation (the fast SIMD one and the Eigen one)."""
+    from softprompt import _core
+
+    if request.param == "simd" and not _core.get_attention_kernel() == "simd":
+        try:
+            _core.set_attention_kernel("simd")
+        except ValueError:
+            pytest.skip("this build has no SIMD kernels (compiler without vector extensions)")
+    previous = _core.get_attention_kernel()
+    _core.set_attention_kernel(request.param)
+    yield request.param
+    _core.set_attention_kernel(previous)

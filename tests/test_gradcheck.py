@@ -34,7 +34,7 @@ def numeric_grad(f, x, eps=1e-6):
         ((2, 3, 3, 2, 2, 2, 1), False, False, "empty"),
     ],
 )
-def test_prefix_attention_gradients(rng, backend, shape, causal, per_row, mask):
+def test_prefix_attention_gradients(rng, kernel, backend, shape, causal, per_row, mask):
     q, k, v, pk, pv, m = make_problem(rng, *shape, per_row=per_row, mask=mask)
     w = rng.standard_normal(q.shape)  # loss = sum(w * out)
     kwargs = dict(causal=causal, key_padding_mask=m, scale=0.8, backend=backend)

@@ -83,7 +83,7 @@ NAMES = ("out", "lse", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("mask", [None, "right", "left", "empty", "random"])
-def test_core_matches_reference(rng, dtype, shape, causal, per_row, mask):
+def test_core_matches_reference(rng, kernel, dtype, shape, causal, per_row, mask):
     q, k, v, pk, pv, m = make_problem(rng, *shape, dtype=dtype, per_row=per_row, mask=mask)
     dout = rng.standard_normal(q.shape).astype(dtype)
     got, want = both_backends(q, k, v, pk, pv, m, causal, dout)
@@ -98,7 +98,7 @@ def test_core_matches_reference(rng, dtype, shape, causal, per_row, mask):
         np.testing.assert_allclose(g[finite], w[finite], **tolerance(dtype), err_msg=name)
 
 
-def test_query_without_visible_key_gets_zeros_not_nan(rng):
+def test_query_without_visible_key_gets_zeros_not_nan(rng, kernel):
     # Row 0 fully padded, no prefix: its queries see nothing.
     q, k, v, pk, pv, m = make_problem(rng, 2, 4, 6, 2, 2, 8, 0, mask="empty")
     out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask=m)
@@ -125,7 +125,7 @@ def test_causal_decoding_with_cache_matches_full(rng):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "numpy"])
-def test_hidden_keys_never_count(rng, backend):
+def test_hidden_keys_never_count(rng, kernel, backend):
     # NaN or Inf in a hidden key, or any finite value in its value row, leaves the output unchanged
     # (documented; a NaN/Inf *value* at a hidden position does propagate, as 0 * Inf = NaN).
     q, k, v, pk, pv, m = make_problem(rng, 2, 4, 6, 2, 2, 8, 2, mask="right")
@@ -138,7 +138,7 @@ def test_hidden_keys_never_count(rng, backend):
     np.testing.assert_array_equal(a, b)
 
 
-def test_nan_input_propagates_to_its_rows_only(rng):
+def test_nan_input_propagates_to_its_rows_only(rng, kernel):
     q, k, v, pk, pv, _ = make_problem(rng, 2, 4, 6, 2, 2, 8, 2)
     q[1, 2, 0, 3] = np.nan
     out, _ = ops.prefix_attention_forward(q, k, v, pk, pv)

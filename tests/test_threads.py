@@ -30,7 +30,7 @@ def run_all(q, k, v, pk, pv, m, causal, dout):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal,per_row,mask", [(False, False, None), (True, False, "left"), (True, True, "random")])
-def test_bitwise_identical_on_1_and_2_threads(rng, restore_threads, dtype, causal, per_row, mask):
+def test_bitwise_identical_on_1_and_2_threads(rng, kernel, restore_threads, dtype, causal, per_row, mask):
     # Large enough to run threaded (T > one query block, many work items), shared prefix and GQA.
     q, k, v, pk, pv, m = make_problem(rng, 4, 150, 150, 8, 2, 32, 10, dtype=dtype, per_row=per_row, mask=mask)
     dout = rng.standard_normal(q.shape).astype(dtype)

@@ -165,10 +165,14 @@ def problems(draw):
     ), draw(st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_fuzz_valid_shapes_match_reference(problem):
-    shape, causal, per_row, mask, seed = problem
+# The kernel fixture holds for every example of the test, which is what we want here.
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+def test_fuzz_valid_shapes_match_reference(kernel, problem):
+    check_against_reference(*problem)
+
+
+def check_against_reference(shape, causal, per_row, mask, seed):
     rng = np.random.default_rng(seed)
     q, k, v, pk, pv, m = make_problem(rng, *shape, per_row=per_row, mask=mask)
     dout = rng.standard_normal(q.shape)

@@ -1,0 +1,447 @@
+// Prefix attention, the fast variant: hand-blocked SIMD micro-kernels (simd.h) in a "queries as
+// lanes" layout. A block of up to 64 queries is transposed once, so that every score tile is
+// [keys, 64 query lanes]: the softmax over keys becomes lane-wise max/exp/sum with no horizontal
+// reductions, and the causal mask is a lane threshold per key. Keys are processed in L1-sized
+// chunks with an online softmax. The prefix and the input keys stay two arrays; a chunk's keys and
+// values are packed into contiguous rows [prefix | input] first (the inputs' rows are Hkv*D apart,
+// which made the micro-kernels' loads miss the L1 and the TLB: 74 -> see bench). Only lse is kept
+// for the backward.
+//
+// Work items and determinism are as in the Eigen variant (prefix_attention.cpp): forward items are
+// (b, h, query block); backward items are (b, kv head), each owning its dk/dv rows and its dq rows;
+// a shared prefix's gradient goes to one slot per batch row, summed in batch order at the end.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "prefix_attention.h"
+#include "simd.h"
+#include "threads.h"
+
+namespace softprompt {
+namespace {
+
+using simd::kLanes;
+using simd::Vec;
+
+constexpr int64_t kBlock = 64;        // queries per block = lanes of a score tile row
+constexpr int64_t kChunkForward = 128;  // input keys per chunk: a [128, 64] float tile is 32 KiB
+constexpr int64_t kChunkBackward = 64;  // two tiles (p, ds) live at once
+
+template <typename T>
+using Buffer = std::vector<T>;
+
+// Keys and values of one (batch row, kv head): the prefix rows and the input rows, in place.
+template <typename T>
+struct Heads {
+  const T *k, *v, *pk, *pv;
+  const uint8_t* keep;  // key_padding_mask row, or nullptr
+  int64_t stride;       // between consecutive keys: Hkv * D
+
+  Heads(const AttentionShape& s, int64_t b, int64_t hk, const T* k_all, const T* v_all,
+        const T* pk_all, const T* pv_all, const uint8_t* mask)
+      : stride(s.Hkv * s.D) {
+    k = k_all + b * s.S * stride + hk * s.D;
+    v = v_all + b * s.S * stride + hk * s.D;
+    const int64_t poff = (s.prefix_per_row ? b * s.P * stride : 0) + hk * s.D;
+    pk = s.P ? pk_all + poff : nullptr;
+    pv = s.P ? pv_all + poff : nullptr;
+    keep = mask ? mask + b * s.S : nullptr;
+  }
+};
+
+// A chunk: prefix rows [0, np) (chunk 0 only) then input keys [j0, j1). In the packed layout
+// [prefix (P rows) | input (S rows)] it is the row range [r0, r1).
+struct Chunk {
+  int64_t np, j0, j1, P;
+  int64_t rows() const { return np + j1 - j0; }
+  int64_t r0() const { return np ? 0 : P + j0; }
+};
+
+template <class F>
+void for_each_chunk(int64_t P, int64_t in_end, int64_t size, F&& f) {
+  const int64_t first = std::min(in_end, size);
+  if (P + first > 0) f(Chunk{P, 0, first, P});
+  for (int64_t j0 = first; j0 < in_end; j0 += size) f(Chunk{0, j0, std::min(in_end, j0 + size), P});
+}
+
+// Input keys visible to some query of the block ending before i1.
+inline int64_t input_end(const AttentionShape& s, int64_t i1) {
+  return s.causal ? std::clamp<int64_t>(i1 + s.S - s.T, 0, s.S) : s.S;
+}
+
+// First query lane (of the block at i0) that sees row r of the chunk; kBlock if none does.
+// Prefix rows are seen by all; input key j is hidden by padding, or with causal from lanes
+// i < j - (S - T) - i0.
+template <typename T>
+inline int64_t first_lane(const AttentionShape& s, const Heads<T>& hd, const Chunk& c, int64_t r,
+                          int64_t i0) {
+  if (r < c.np) return 0;
+  const int64_t j = c.j0 + r - c.np;
+  if (hd.keep && !hd.keep[j]) return kBlock;
+  return s.causal ? std::clamp<int64_t>(j - (s.S - s.T) - i0, 0, kBlock) : 0;
+}
+
+// Lanes < first of vector v hidden?  -> mask that is true where hidden.
+template <typename T>
+inline simd::Mask<T> hidden_lanes(int64_t first, int64_t v) {
+  return simd::iota<T>() + T(v * kLanes<T>) < T(first);
+}
+
+// Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
+// [B*Hkv, P+S, D]. The input is read in memory order (token rows of Hkv*D), so the reads stream;
+// gathering one head's rows directly (Hkv*D apart) missed the TLB on every row. Call inside a
+// parallel region; ends without a barrier.
+template <typename T>
+void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const T* pv, T* kp,
+             T* vp) {
+  const int64_t D = s.D, rows = s.P + s.S, kv_row = s.Hkv * D;
+  auto copy = [D](const T* from, T* to) {
+    for (int64_t d = 0; d < D; ++d) to[d] = from[d];  // short rows: a loop beats memmove calls
+  };
+#pragma omp for schedule(static) nowait
+  for (int64_t bj = 0; bj < s.B * s.S; ++bj) {
+    const int64_t b = bj / s.S, j = bj % s.S;
+    for (int64_t hk = 0; hk < s.Hkv; ++hk) {
+      const int64_t dst = ((b * s.Hkv + hk) * rows + s.P + j) * D;
+      copy(k + bj * kv_row + hk * D, kp + dst);
+      copy(v + bj * kv_row + hk * D, vp + dst);
+    }
+  }
+#pragma omp for schedule(static) nowait
+  for (int64_t bp = 0; bp < s.B * s.P; ++bp) {
+    const int64_t b = bp / s.P, p = bp % s.P;
+    const int64_t src = ((s.prefix_per_row ? bp : p) * s.Hkv) * D;
+    for (int64_t hk = 0; hk < s.Hkv; ++hk) {
+      const int64_t dst = ((b * s.Hkv + hk) * rows + p) * D;
+      copy(pk + src + hk * D, kp + dst);
+      copy(pv + src + hk * D, vp + dst);
+    }
+  }
+}
+
+// The query-side arrays ([B, T, H, D]: q, out, ...) as tiles: per (b, h, block) the block's rows
+// transposed, [D, kBlock], lanes past T zero. Converting whole token rows (H*D contiguous) at a time
+// is a separate pass, so the work items read and write only contiguous tiles.
+struct TileGrid {
+  int64_t B, T, H, D, nblocks;
+  explicit TileGrid(const AttentionShape& s)
+      : B(s.B), T(s.T), H(s.H), D(s.D), nblocks((s.T + kBlock - 1) / kBlock) {}
+  int64_t tile_size() const { return D * kBlock; }
+  int64_t size() const { return B * H * nblocks * tile_size(); }
+  int64_t tile(int64_t b, int64_t h, int64_t blk) const { return ((b * H + h) * nblocks + blk) * tile_size(); }
+};
+
+// tiles = factor * a, for the (b, block) pairs split across the team (call inside a parallel region).
+template <typename T>
+void to_tiles(const TileGrid& g, const T* a, T factor, T* tiles) {
+#pragma omp for schedule(static)
+  for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
+    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, g.T - i0);
+    for (int64_t h = 0; h < g.H; ++h) {  // one tile at a time: its 16 KiB stay in L1
+      T* t = tiles + g.tile(b, h, blk);
+      for (int64_t d = 0; d < g.D; ++d) std::fill(t + d * kBlock + n, t + (d + 1) * kBlock, T(0));
+      simd::transpose(a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, t, kBlock, n, g.D, factor);
+    }
+  }
+}
+
+// a = tiles, the inverse of to_tiles (call inside a parallel region).
+template <typename T>
+void from_tiles(const TileGrid& g, const T* tiles, T* a) {
+#pragma omp for schedule(static)
+  for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
+    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const T* t = tiles + g.tile(b, h, blk);
+      simd::transpose(t, kBlock, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D,
+                      std::min(kBlock, g.T - i0), T(1));
+    }
+  }
+}
+
+template <typename T>
+struct ForwardScratch {
+  Buffer<T> ot, scores;
+  std::vector<int64_t> first;  // first_lane of each row of the chunk
+  explicit ForwardScratch(const AttentionShape& s)
+      : ot(s.D * kBlock), scores((s.P + kChunkForward) * kBlock), first(s.P + kChunkForward) {}
+};
+
+// One forward work item: queries [i0, i0+n) of head h. kp, vp: this head's packed keys and
+// values [P+S, D]. tile [D, kBlock]: in, the scaled queries (so scores come out scaled); out, the
+// attention output. Writes lse.
+template <typename T>
+void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>& hd,
+                   const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
+                   T* tile, T* lse) {
+  constexpr int L = kLanes<T>, NVmax = kBlock / L;
+  const int64_t nv = (n + L - 1) / L;
+  const Vec<T> ninf = simd::broadcast(-std::numeric_limits<T>::infinity());
+  const T* qt = tile;
+  T* ot = w.ot.data();
+  Vec<T> m[NVmax], l[NVmax];
+  for (int v = 0; v < NVmax; ++v) m[v] = ninf, l[v] = Vec<T>{};
+  bool first = true;
+  for_each_chunk(s.P, input_end(s, i0 + n), kChunkForward, [&](const Chunk& c) {
+    const int64_t rows = c.rows();
+    const T *kc = kp + c.r0() * s.D, *vc = vp + c.r0() * s.D;
+    T* sc = w.scores.data();
+    int64_t* fl = w.first.data();
+    for (int64_t r = 0; r < rows; ++r) fl[r] = first_lane(s, hd, c, r, i0);
+    // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock]
+    simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qt, kBlock, sc, kBlock, false);
+    // Online softmax, lane-wise: the chunk's max, the rescale factor, then p = exp(score - max).
+    Vec<T> mx[NVmax], msafe[NVmax], alpha[NVmax], sum[NVmax];
+    for (int v = 0; v < nv; ++v) mx[v] = m[v], sum[v] = Vec<T>{};
+    for (int64_t r = 0; r < rows; ++r) {
+      if (fl[r] >= kBlock) continue;
+      for (int v = 0; v < nv; ++v) {
+        Vec<T> x = simd::load(sc + r * kBlock + v * L);
+        if (fl[r] > v * L) x = hidden_lanes<T>(fl[r], v) ? ninf : x;
+        mx[v] = simd::vmax<T>(mx[v], x);
+      }
+    }
+    for (int v = 0; v < nv; ++v) {
+      msafe[v] = mx[v] == ninf ? Vec<T>{} : mx[v];  // a lane that sees nothing stays all zero
+      alpha[v] = m[v] == ninf ? Vec<T>{} : simd::exp<T>(m[v] - msafe[v]);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int v = 0; v < nv; ++v) {
+        Vec<T> p{};
+        if (fl[r] < kBlock) {
+          p = simd::exp<T>(simd::load(sc + r * kBlock + v * L) - msafe[v]);
+          if (fl[r] > v * L) p = hidden_lanes<T>(fl[r], v) ? Vec<T>{} : p;  // exact zeros
+        }
+        simd::store(sc + r * kBlock + v * L, p);
+        sum[v] += p;
+      }
+    }
+    for (int v = 0; v < nv; ++v) {
+      m[v] = mx[v];
+      l[v] = alpha[v] * l[v] + sum[v];
+    }
+    if (!first)
+      for (int64_t d = 0; d < s.D; ++d)
+        for (int v = 0; v < nv; ++v)
+          simd::store(ot + d * kBlock + v * L, alpha[v] * simd::load(ot + d * kBlock + v * L));
+    // ot [D, kBlock] (+)= values^T [D, rows] . p [rows, kBlock]
+    simd::matmul<T>(s.D, nv, rows, vc, 1, s.D, sc, kBlock, ot, kBlock, !first);
+    first = false;
+  });
+  // out = ot / l; a query that sees no key (l = 0) gets zeros and lse = -inf, never NaN.
+  Vec<T> inv[NVmax];
+  for (int v = 0; v < nv; ++v) {
+    const auto none = l[v] == Vec<T>{};
+    inv[v] = T(1) / (none ? simd::broadcast(T(1)) : l[v]);
+    inv[v] = none ? Vec<T>{} : inv[v];
+  }
+  for (int64_t d = 0; d < s.D; ++d)
+    for (int v = 0; v < nv; ++v)
+      simd::store(tile + d * kBlock + v * L, first ? Vec<T>{} : inv[v] * simd::load(ot + d * kBlock + v * L));
+  // (first: no chunk ran, ot was never written)
+  T ml[kBlock], ll[kBlock];
+  for (int v = 0; v < nv; ++v) simd::store(ml + v * L, m[v]), simd::store(ll + v * L, l[v]);
+  T* lse_row = lse + (b * s.H + h) * s.T + i0;
+  for (int64_t i = 0; i < n; ++i)
+    lse_row[i] = first || ll[i] == T(0) ? -std::numeric_limits<T>::infinity() : ml[i] + std::log(ll[i]);
+}
+
+template <typename T>
+struct BackwardScratch {
+  int64_t Dp;  // D rounded up to whole vectors: rows of the dk/dv accumulators
+  Buffer<T> dqt, qs, dos, p, ds, lse, delta, dk, dv;
+  explicit BackwardScratch(const AttentionShape& s)
+      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), dqt(s.D * kBlock), qs(kBlock * Dp),
+        dos(kBlock * Dp), p((s.P + kChunkBackward) * kBlock), ds((s.P + kChunkBackward) * kBlock),
+        lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dp), dv((s.P + s.S) * Dp) {}
+};
+
+// One query block's share of the backward for head h. kp, vp: this head's packed keys and
+// values [P+S, D]. qtile [D, kBlock]: in, the scaled queries; out, dq (transposed). dotile: dout,
+// transposed. delta_row: rowsum(dout * out) of the block's queries. Accumulates into w.dk, w.dv,
+// rows [prefix (P) | input (S)] x Dp.
+//   p = exp(scores - lse);  dv += p^T do;  dp = do v^T;  ds = p * (dp - delta);
+//   dq = scale * ds k;  dk += ds^T (scale q)
+template <typename T>
+void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<T>& hd,
+                    const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
+                    T* qtile, const T* dotile, const T* delta_row, const T* lse) {
+  constexpr int L = kLanes<T>;
+  const int64_t nv = (n + L - 1) / L, Dp = w.Dp, wd = Dp / L;
+  // Row-major copies [kBlock, Dp] (zero padding) for the products that sum over the lanes.
+  std::fill(w.qs.begin(), w.qs.end(), T(0));
+  std::fill(w.dos.begin(), w.dos.end(), T(0));
+  simd::transpose(qtile, kBlock, w.qs.data(), Dp, s.D, n, T(1));
+  simd::transpose(dotile, kBlock, w.dos.data(), Dp, s.D, n, T(1));
+  std::fill(w.dqt.begin(), w.dqt.end(), T(0));
+  const T* lse_row = lse + (b * s.H + h) * s.T + i0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    w.delta[i] = i < n ? delta_row[i] : T(0);
+    // A query that sees no key (lse = -inf) has every row masked below; 0 keeps exp finite.
+    w.lse[i] = i < n && std::isfinite(lse_row[i]) ? lse_row[i] : T(0);
+  }
+  for_each_chunk(s.P, input_end(s, i0 + n), kChunkBackward, [&](const Chunk& c) {
+    T *p = w.p.data(), *ds = w.ds.data();
+    const int64_t rows = c.rows(), r0 = c.r0();
+    const T *kc = kp + r0 * s.D, *vc = vp + r0 * s.D;
+    // scores = keys . qt;  dp = values . do^T   (both [rows, kBlock])
+    simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qtile, kBlock, p, kBlock, false);
+    simd::matmul<T>(rows, nv, s.D, vc, s.D, 1, dotile, kBlock, ds, kBlock, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t fl = first_lane(s, hd, c, r, i0);
+      for (int64_t v = 0; v < nv; ++v) {
+        T *pr = p + r * kBlock + v * L, *dr = ds + r * kBlock + v * L;
+        Vec<T> pvec{}, dsvec{};
+        if (fl < kBlock) {
+          pvec = simd::exp<T>(simd::load(pr) - simd::load(w.lse.data() + v * L));
+          if (fl > v * L) pvec = hidden_lanes<T>(fl, v) ? Vec<T>{} : pvec;
+          dsvec = pvec * (simd::load(dr) - simd::load(w.delta.data() + v * L));
+        }
+        simd::store(pr, pvec), simd::store(dr, dsvec);
+      }
+    }
+    // dv_rows += p . do;  dk_rows += ds . (scale q)   ([rows, Dp], summing over the n lanes)
+    simd::matmul<T>(rows, wd, n, p, kBlock, 1, w.dos.data(), Dp, w.dv.data() + r0 * Dp, Dp, true);
+    simd::matmul<T>(rows, wd, n, ds, kBlock, 1, w.qs.data(), Dp, w.dk.data() + r0 * Dp, Dp, true);
+    // dq^T [D, kBlock] += keys^T [D, rows] . ds [rows, kBlock]
+    simd::matmul<T>(s.D, nv, rows, kc, 1, s.D, ds, kBlock, w.dqt.data(), kBlock, true);
+  });
+  // The block is done with its queries: its tile now takes dq^T = scale * ds k.
+  for (int64_t e = 0; e < s.D * kBlock; ++e) qtile[e] = T(s.scale) * w.dqt[e];
+}
+
+}  // namespace
+
+// A growing workspace per calling thread, reused across calls: no page faults and no zero-fill
+// per call. (Kernels may be called from several Python threads at once: one buffer each.)
+template <typename T>
+T* workspace(size_t n) {
+  static thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+template <typename T>
+void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T* k, const T* v,
+                                   const T* prefix_k, const T* prefix_v,
+                                   const uint8_t* key_padding_mask, T* out, T* lse) {
+  const int64_t nblocks = (s.T + kBlock - 1) / kBlock;
+  const int64_t items = s.B * s.H * nblocks, group = s.H / s.Hkv, heads = s.B * s.Hkv;
+  const int64_t head_size = (s.P + s.S) * s.D;
+  const TileGrid grid(s);
+  // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D];
+  // then the query tiles, which each item overwrites with its output.
+  T* kp = workspace<T>(2 * heads * head_size + grid.size());
+  T* vp = kp + heads * head_size;
+  T* tiles = vp + heads * head_size;
+  const int nt = threads_for(4.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
+#pragma omp parallel num_threads(nt)
+  {
+    pack_kv(s, k, v, prefix_k, prefix_v, kp, vp);
+    to_tiles(grid, q, T(s.scale), tiles);  // ends with a barrier: packing is done too
+    ForwardScratch<T> w(s);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (s.H * nblocks), h = item / nblocks % s.H, blk = item % nblocks;
+      const int64_t bh = b * s.Hkv + h / group;
+      const Heads<T> hd(s, b, h / group, k, v, prefix_k, prefix_v, key_padding_mask);
+      forward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, blk * kBlock,
+                    std::min(kBlock, s.T - blk * kBlock), tiles + grid.tile(b, h, blk), lse);
+    }
+    from_tiles(grid, tiles, out);
+  }
+}
+
+template <typename T>
+void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, const T* q,
+                                    const T* k, const T* v, const T* prefix_k,
+                                    const T* prefix_v, const uint8_t* key_padding_mask,
+                                    const T* out, const T* lse, T* dq, T* dk, T* dv,
+                                    T* dprefix_k, T* dprefix_v) {
+  const int64_t group = s.H / s.Hkv, kv_row = s.Hkv * s.D, heads = s.B * s.Hkv;
+  const int64_t head_size = (s.P + s.S) * s.D;
+  const TileGrid grid(s);
+  // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles, and
+  // delta = rowsum(dout * out) [B, H, T].
+  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T);
+  T* vp = kp + heads * head_size;
+  T* qtiles = vp + heads * head_size;
+  T* dotiles = qtiles + grid.size();
+  T* delta = dotiles + grid.size();
+  // A shared prefix gets one gradient slot per batch row, summed in batch order below.
+  std::vector<T> partial;
+  T *pk_grad = dprefix_k, *pv_grad = dprefix_v;
+  if (!s.prefix_per_row && s.P > 0 && s.B > 1) {
+    partial.resize(2 * s.B * s.P * kv_row);
+    pk_grad = partial.data();
+    pv_grad = partial.data() + s.B * s.P * kv_row;
+  }
+  const bool slot_per_row = s.prefix_per_row || !partial.empty();
+  const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
+#pragma omp parallel num_threads(nt)
+  {
+    pack_kv(s, k, v, prefix_k, prefix_v, kp, vp);
+#pragma omp for schedule(static) nowait
+    for (int64_t bt = 0; bt < s.B * s.T; ++bt)
+      for (int64_t h = 0; h < s.H; ++h) {
+        const T *d = dout + (bt * s.H + h) * s.D, *o = out + (bt * s.H + h) * s.D;
+        T sum = 0;
+        for (int64_t e = 0; e < s.D; ++e) sum += d[e] * o[e];
+        delta[(bt / s.T * s.H + h) * s.T + bt % s.T] = sum;
+      }
+    to_tiles(grid, q, T(s.scale), qtiles);
+    to_tiles(grid, dout, T(1), dotiles);  // its barrier ends the packing above too
+    BackwardScratch<T> w(s);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < heads; ++bh) {
+      const int64_t b = bh / s.Hkv, hk = bh % s.Hkv;
+      const Heads<T> hd(s, b, hk, k, v, prefix_k, prefix_v, key_padding_mask);
+      std::fill(w.dk.begin(), w.dk.end(), T(0));
+      std::fill(w.dv.begin(), w.dv.end(), T(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t blk = 0; blk < grid.nblocks; ++blk) {
+          const int64_t i0 = blk * kBlock, tile = grid.tile(b, h, blk);
+          backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0,
+                         std::min(kBlock, s.T - i0), qtiles + tile, dotiles + tile,
+                         delta + (b * s.H + h) * s.T + i0, lse);
+        }
+      // Accumulator rows [prefix | input] x Dp -> the outputs' D columns.
+      const int64_t poff = (slot_per_row ? b * s.P * kv_row : 0) + hk * s.D;
+      const int64_t koff = b * s.S * kv_row + hk * s.D;
+      for (int64_t r = 0; r < s.P + s.S; ++r) {
+        const bool pre = r < s.P;
+        T* kdst = pre ? pk_grad + poff + r * kv_row : dk + koff + (r - s.P) * kv_row;
+        T* vdst = pre ? pv_grad + poff + r * kv_row : dv + koff + (r - s.P) * kv_row;
+        std::copy_n(w.dk.data() + r * w.Dp, s.D, kdst);
+        std::copy_n(w.dv.data() + r * w.Dp, s.D, vdst);
+      }
+    }
+    from_tiles(grid, qtiles, dq);
+    if (!partial.empty()) {
+      const int64_t n = s.P * kv_row, stride = s.B * s.P * kv_row;
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < 2 * n; ++e) {
+        const T* src = partial.data() + (e < n ? e : stride + e - n);
+        T acc = src[0];
+        for (int64_t bb = 1; bb < s.B; ++bb) acc += src[bb * n];
+        (e < n ? dprefix_k[e] : dprefix_v[e - n]) = acc;
+      }
+    }
+  }
+}
+
+#define SOFTPROMPT_INSTANTIATE(T)                                                              \
+  template void prefix_attention_forward_simd<T>(const AttentionShape&, const T*, const T*,    \
+                                                 const T*, const T*, const T*, const uint8_t*, \
+                                                 T*, T*);                                      \
+  template void prefix_attention_backward_simd<T>(                                            \
+      const AttentionShape&, const T*, const T*, const T*, const T*, const T*, const T*,       \
+      const uint8_t*, const T*, const T*, T*, T*, T*, T*, T*);
+SOFTPROMPT_INSTANTIATE(float)
+SOFTPROMPT_INSTANTIATE(double)
+#undef SOFTPROMPT_INSTANTIATE
+
+}  // namespace softprompt
