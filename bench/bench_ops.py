@@ -1,10 +1,11 @@
 """Benchmark the ops: softprompt's C++ core vs the NumPy reference vs PyTorch, side by side.
 
-    OPENBLAS_CORETYPE= OPENBLAS_L2_SIZE= python bench/bench_ops.py [--threads N] [--quick]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_ops.py [--threads 1,2] [--quick]
 
 (unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in this command only: they slow NumPy's BLAS here.)
 Prints a table (median ms, GFLOP/s, ratios), writes bench/results/ops.json and, when matplotlib is
-installed, bench/results/ops_speedup.png. PyTorch runs only where torch is installed.
+installed, bench/results/ops_speedup.png. PyTorch runs only where torch is installed. With several
+thread counts (--threads 1,2,4) it also prints a scaling table (GF/s and parallel efficiency).
 
 Attention FLOPs: forward 4*B*H*T*K*D, backward 10*B*H*T*K*D (scores recomputed), where
 K = P + S for full attention and P + S/2 causal (only the unmasked half of the input keys counts).
@@ -116,14 +117,26 @@ def torch_runner(torch, inputs, causal, backward):
 
 
 # --------------------------------------------------------------------------- runs
-def bench_attention(torch, quick):
+def set_threads(n, torch):
+    softprompt.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:
+        pass
+
+
+def bench_attention(torch, quick, threads):
     rows = []
     rng = np.random.default_rng(0)
     for shape in SHAPES[:2] if quick else SHAPES:
         inputs = numpy_inputs(*shape, rng)
         for causal in (False, True):
             for backward in (False, True):
-                row = {"shape": shape, "causal": causal, "mode": "fwd+bwd" if backward else "fwd"}
+                row = {"shape": shape, "causal": causal, "mode": "fwd+bwd" if backward else "fwd", "threads": threads}
                 flops = attention_flops(*shape, causal, backward)
                 contestants = {"ours": ours("cpp", inputs, causal, backward), "numpy": ours("numpy", inputs, causal, backward)}
                 if torch is not None:
@@ -172,13 +185,13 @@ def bench_prepend(quick):
 
 def print_attention_header(has_torch):
     peer = "  torch ms  torch GF/s  x torch" if has_torch else ""
-    print(f"{'(B, H, T, D, P)':>22} {'causal':>6} {'mode':>7}  {'ours ms':>8} {'GF/s':>6}{peer}  {'numpy ms':>9}  x numpy")
+    print(f"{'(B, H, T, D, P)':>22} {'causal':>6} {'mode':>7} {'thr':>3}  {'ours ms':>8} {'GF/s':>6}{peer}  {'numpy ms':>9}  x numpy")
 
 
 def print_attention_row(r):
     peer = f"  {r['torch_ms']:8.2f}  {r['torch_gflops']:10.1f}  {r['vs_torch']:7.2f}" if "torch_ms" in r else ""
     print(
-        f"{str(r['shape']):>22} {str(r['causal']):>6} {r['mode']:>7}  {r['ours_ms']:8.2f} {r['ours_gflops']:6.1f}"
+        f"{str(r['shape']):>22} {str(r['causal']):>6} {r['mode']:>7} {r['threads']:>3}  {r['ours_ms']:8.2f} {r['ours_gflops']:6.1f}"
         f"{peer}  {r['numpy_ms']:9.2f}  {r['vs_numpy']:7.1f}",
         flush=True,
     )
@@ -189,6 +202,25 @@ def write_json(path, payload):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def print_scaling(rows, thread_counts):
+    """GF/s per thread count and the parallel efficiency against one thread (or the fewest)."""
+    base = thread_counts[0]
+    print(f"\nscaling (fwd+bwd GF/s; efficiency = GF/s / ({base}-thread GF/s x threads / {base}))")
+    keyed = {(tuple(r["shape"]), r["causal"], r["mode"], r["threads"]): r for r in rows}
+    for shape in {tuple(r["shape"]) for r in rows}:
+        for causal in (False, True):
+            line = f"{str(shape):>22} {'causal' if causal else 'full':>6}"
+            first = keyed.get((shape, causal, "fwd+bwd", base))
+            for n in thread_counts:
+                r = keyed.get((shape, causal, "fwd+bwd", n))
+                if r is None or first is None:
+                    continue
+                eff = r["ours_gflops"] / (first["ours_gflops"] * n / base)
+                torch = f" torch {r['torch_gflops']:6.1f}" if "torch_gflops" in r else ""
+                line += f" | {n:>2} thr: ours {r['ours_gflops']:6.1f} ({eff:4.0%}){torch}"
+            print(line)
 
 
 def plot(rows, path):
@@ -213,7 +245,7 @@ def plot(rows, path):
         ax.set_xticks(xs, labels, fontsize=6)
         ax.set_title(f"softprompt speedup, {mode}")
         ax.legend()
-    fig.suptitle(f"(B, H, T, D, P), float32, {softprompt.get_num_threads()} threads", fontsize=9)
+    fig.suptitle(f"(B, H, T, D, P), float32, {rows[0]['threads']} threads", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -223,34 +255,38 @@ def plot(rows, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every contestant")
+    parser.add_argument("--threads", default=str(os.cpu_count()), help="thread counts for every contestant, e.g. 1,2,4")
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "ops.json"))
     args = parser.parse_args(argv)
 
-    softprompt.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
     try:
         import torch
-
-        torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
     try:
-        from threadpoolctl import threadpool_info, threadpool_limits
+        from threadpoolctl import threadpool_info
 
-        threadpool_limits(args.threads)
-        blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for i in threadpool_info()]
+        blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture")} for i in threadpool_info()]
     except ImportError:
         blas = "threadpoolctl not installed"
-    info = machine() | {"threads": args.threads, "torch": getattr(torch, "__version__", None), "blas": blas,
+    info = machine() | {"threads": thread_counts, "torch": getattr(torch, "__version__", None), "blas": blas,
+                        "attention_kernel": softprompt._core.get_attention_kernel(),
                         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
     print(json.dumps(info))
     print_attention_header(torch is not None)
-    attention = bench_attention(torch, args.quick)
+    attention = []
+    for n in thread_counts:
+        set_threads(n, torch)
+        attention += bench_attention(torch, args.quick, n)
+    set_threads(thread_counts[-1], torch)
     prepend = bench_prepend(args.quick)
+    if len(thread_counts) > 1:
+        print_scaling(attention, thread_counts)
     write_json(Path(args.out), {"machine": info, "attention": attention, "prepend": prepend})
     print(f"wrote {args.out}")
-    plot(attention, Path(args.out).with_name("ops_speedup.png"))
+    plot([r for r in attention if r["threads"] == thread_counts[-1]], Path(args.out).with_name("ops_speedup.png"))
     return 0
 
 
