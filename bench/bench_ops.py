@@ -232,17 +232,17 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib not installed: no chart")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         sel = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['shape']}\n{'causal' if r['causal'] else 'full'}" for r in sel]
+        labels = [",".join(map(str, r["shape"])) + ("\ncausal" if r["causal"] else "\nfull") for r in sel]
         xs = np.arange(len(sel))
         peers = [p for p in ("torch", "numpy") if all(f"vs_{p}" in r for r in sel)]
         for i, peer in enumerate(peers):
             ax.bar(xs + (i - (len(peers) - 1) / 2) * 0.38, [r[f"vs_{peer}"] for r in sel], 0.38, label=f"vs {peer}")
         ax.axhline(1, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_xticks(xs, labels, fontsize=6)
+        ax.set_xticks(xs, labels, fontsize=7, rotation=35)
         ax.set_title(f"softprompt speedup, {mode}")
         ax.legend()
     fig.suptitle(f"(B, H, T, D, P), float32, {rows[0]['threads']} threads", fontsize=9)
@@ -258,7 +258,13 @@ def main(argv=None):
     parser.add_argument("--threads", default=str(os.cpu_count()), help="thread counts for every contestant, e.g. 1,2,4")
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "ops.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the chart from --out's JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = json.loads(Path(args.out).read_text())["attention"]
+        last = max(r["threads"] for r in rows)
+        plot([r for r in rows if r["threads"] == last], Path(args.out).with_name("ops_speedup.png"))
+        return 0
 
     thread_counts = [int(t) for t in args.threads.split(",")]
     try:
