@@ -10,12 +10,24 @@ from __future__ import annotations
 import operator as _operator
 
 from . import ops, reference
+from .adapters import PrefixTuning, PromptTuning
+from .models import load_model
 from ._core import get_num_threads as _get_num_threads
 from ._core import has_openmp
 from ._core import set_num_threads as _set_num_threads
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "set_num_threads", "get_num_threads", "has_openmp", "__version__"]
+__all__ = [
+    "ops",
+    "reference",
+    "load_model",
+    "PromptTuning",
+    "PrefixTuning",
+    "set_num_threads",
+    "get_num_threads",
+    "has_openmp",
+    "__version__",
+]
 
 
 def set_num_threads(n: int) -> None:

@@ -167,12 +167,15 @@ class Transformer:
             return empty, empty
         return ctx.prefix[i, 0], ctx.prefix[i, 1]
 
-    def forward(self, input_ids, attention_mask=None, *, adapter=None, inputs_embeds=None, keep_cache=False):
+    def forward(self, input_ids, attention_mask=None, *, adapter=None, inputs_embeds=None, token_type_ids=None,
+                keep_cache=False, keep_virtual=False):
         """Hidden states after the final norm for the T input tokens.
 
         input_ids [B, T] (or inputs_embeds [B, T, C] instead), attention_mask [B, T] (1 = real
         token; left or right padding). adapter: a PromptTuning or PrefixTuning (or None).
-        -> hidden [B, T, C], and with keep_cache the cache for `backward`.
+        token_type_ids [B, T] (BERT only; default 0).
+        -> hidden [B, T, C] (with keep_virtual and prompt tuning: [B, P+T, C], the prompt's rows
+        first), and with keep_cache the cache for `backward`.
         """
         if inputs_embeds is None:
             ids = _as_ids(input_ids, self.config.vocab_size)
@@ -191,7 +194,11 @@ class Transformer:
         elif kind == "prefix":
             pos = pos + P
         ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
-        ctx.extra["token_ids"] = ids
+        if token_type_ids is not None:
+            types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
+            if kind == "prompt":
+                types = np.concatenate([np.zeros((B, P), dtype=np.int64), types], axis=1)
+            ctx.extra["token_type_ids"] = types
         self.prepare(ctx, x.dtype)
         h, embed_cache = self.embed_forward(x, ctx)
         caches = []
@@ -199,21 +206,22 @@ class Transformer:
             h, cache = self.block_forward(i, h, ctx)
             caches.append(cache if keep_cache else None)
         h, final_cache = self.final_forward(h)
-        if kind == "prompt":
+        if kind == "prompt" and not keep_virtual:
             h = h[:, P:]
         if not keep_cache:
             return h
         return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
-                   "adapter": adapter}
+                   "length": x.shape[1]}
 
     def backward(self, dhidden, cache):
-        """Gradients of a scalar loss, given d loss / d hidden [B, T, C] from `forward`.
+        """Gradients of a scalar loss, given d loss / d hidden [B, T, C] (or [B, P+T, C] for a
+        forward with keep_virtual) from `forward`.
 
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
         [num_layers, 2, P, Hkv, D] (summed over the batch). The frozen weights get no gradient.
         """
         ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
-        if kind == "prompt":  # the prompt rows' outputs are not read: zero gradient there
+        if kind == "prompt" and dhidden.shape[1] != cache["length"]:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
             dh = np.zeros((B, P + T, C), dtype=dhidden.dtype)
             dh[:, P:] = dhidden

@@ -1,0 +1,315 @@
+"""Prompt tuning and prefix tuning adapters: the trainable arrays, their initialization, and files
+that Hugging Face PEFT reads (and that PEFT writes).
+
+Files (PEFT's format):
+- `adapter_model.safetensors` holds one tensor, `prompt_embeddings`: [P, hidden] for prompt tuning;
+  [P, num_layers * 2 * num_kv_heads * head_dim] for prefix tuning, with column
+  ((2 * layer + kv) * num_kv_heads + head) * head_dim + d  (kv 0 = key, 1 = value).
+- `adapter_config.json`: peft_type PROMPT_TUNING / PREFIX_TUNING, task_type, num_virtual_tokens,
+  token_dim, num_attention_heads, num_layers, ... For prefix tuning on grouped-query models PEFT uses
+  token_dim = num_kv_heads * head_dim and num_attention_heads = num_kv_heads; so do we.
+Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def _atomic_write(path: Path, write):
+    """write(tmp_path) then rename over `path`: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _task_type(model):
+    return "SEQ_CLS" if model.config.arch == "bert" else "CAUSAL_LM"
+
+
+class _Adapter:
+    kind: str
+    num_virtual_tokens: int
+    base_model_name_or_path: str = ""
+    task_type: str = "CAUSAL_LM"
+    head = None  # a heads.ClassificationHead trained with the adapter (BERT), saved beside it
+
+    def parameters(self):
+        """The trainable arrays, by name (what an optimizer updates in place)."""
+        raise NotImplementedError
+
+    def num_trainable(self):
+        return sum(a.size for a in self.parameters().values())
+
+    def print_trainable_parameters(self, model):
+        """The seed's table: trainable count and its share of the model."""
+        trainable, frozen = self.num_trainable(), model.num_parameters()
+        print(f"trainable params: {trainable:,} || all params: {trainable + frozen:,} || "
+              f"trainable%: {100 * trainable / (trainable + frozen):.4f}")
+
+    def save_pretrained(self, directory):
+        """Writes adapter_model.safetensors and adapter_config.json into `directory` (atomically)."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        weights = {"prompt_embeddings": np.ascontiguousarray(self.peft_matrix(), dtype=np.float32)}
+        config = self.peft_config()
+        if self.head is not None:  # PEFT keeps a sequence classifier as modules_to_save
+            weights["base_model.classifier.weight"] = np.ascontiguousarray(self.head.weight, dtype=np.float32)
+            weights["base_model.classifier.bias"] = np.ascontiguousarray(self.head.bias, dtype=np.float32)
+            config["modules_to_save"] = ["classifier", "score"]
+            config["task_type"] = "SEQ_CLS"
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))
+        text = json.dumps(config, indent=2, sort_keys=True)
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    @staticmethod
+    def from_pretrained(directory, model=None):
+        """Reads an adapter written here or by PEFT. With `model`, checks it fits that model."""
+        directory = Path(directory)
+        cfg_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for f in (cfg_file, weights_file):
+            if not f.exists():
+                raise FileNotFoundError(f"directory: {str(directory)!r} has no {f.name}")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+        if "prompt_embeddings" not in tensors:
+            raise ValueError(f"{weights_file}: missing key 'prompt_embeddings' (found {sorted(tensors)})")
+        matrix = np.asarray(tensors["prompt_embeddings"], dtype=np.float32)
+        peft_type = cfg.get("peft_type")
+        P = cfg.get("num_virtual_tokens")
+        if matrix.ndim != 2 or matrix.shape[0] != P:
+            raise ValueError(f"{weights_file}: prompt_embeddings has shape {matrix.shape}, expected [{P}, ...] "
+                             f"for num_virtual_tokens={P}")
+        if peft_type == "PROMPT_TUNING":
+            adapter = PromptTuning(matrix.copy())
+        elif peft_type == "PREFIX_TUNING":
+            L, heads = cfg["num_layers"], cfg["num_attention_heads"]
+            head_dim = cfg["token_dim"] // heads
+            if matrix.shape[1] != L * 2 * heads * head_dim:
+                raise ValueError(f"{weights_file}: prompt_embeddings has {matrix.shape[1]} columns, expected "
+                                 f"num_layers*2*token_dim = {L * 2 * heads * head_dim}")
+            # [P, L, 2, Hkv, D] -> [L, 2, P, Hkv, D]
+            prefix = matrix.reshape(P, L, 2, heads, head_dim).transpose(1, 2, 0, 3, 4).copy()
+            adapter = PrefixTuning(prefix)
+        else:
+            raise ValueError(f"{cfg_file}: peft_type {peft_type!r} is not PROMPT_TUNING or PREFIX_TUNING")
+        adapter.base_model_name_or_path = cfg.get("base_model_name_or_path") or ""
+        adapter.task_type = cfg.get("task_type") or "CAUSAL_LM"
+        if "base_model.classifier.weight" in tensors:
+            from .heads import ClassificationHead
+
+            w = np.asarray(tensors["base_model.classifier.weight"], dtype=np.float32)
+            adapter.head = ClassificationHead(w.shape[1], w.shape[0])
+            adapter.head.weight[:] = w
+            adapter.head.bias[:] = tensors.get("base_model.classifier.bias", np.zeros(w.shape[0], np.float32))
+        if model is not None:
+            adapter.check_model(model)
+        return adapter
+
+
+class PromptTuning(_Adapter):
+    """A learned soft prompt [P, hidden] prepended to the input embeddings (Lester et al., 2021)."""
+
+    kind = "prompt"
+
+    def __init__(self, prompt):
+        prompt = np.asarray(prompt)
+        if prompt.ndim != 2 or prompt.shape[0] < 1:
+            raise ValueError(f"prompt: expected shape [P, hidden] with P >= 1, got {prompt.shape}")
+        self.prompt = np.ascontiguousarray(prompt, dtype=np.float32)
+
+    @property
+    def num_virtual_tokens(self):
+        return self.prompt.shape[0]
+
+    @classmethod
+    def for_model(cls, model, num_virtual_tokens=20, init="random", *, init_text=None, seed=0):
+        """init: "random" (N(0, 0.5^2) per entry: about a token embedding's scale), "vocab" (rows
+        of the embedding table at random token ids, as the seed suggests) or "text" (the embeddings
+        of `init_text`'s tokens, repeated to fill P, as PEFT's TEXT init)."""
+        if int(num_virtual_tokens) < 1:
+            raise ValueError(f"num_virtual_tokens: expected >= 1, got {num_virtual_tokens}")
+        P, C = int(num_virtual_tokens), model.config.hidden_size
+        rng = np.random.default_rng(seed)
+        if init == "random":
+            prompt = rng.normal(0.0, 0.5, (P, C)) * float(np.std(model.embed)) / 0.5
+        elif init == "vocab":
+            prompt = model.embed[rng.integers(0, model.config.vocab_size, P)]
+        elif init == "text":
+            prompt = model.embed[_text_ids(model, init_text, P)]
+        else:
+            raise ValueError(f"init: expected 'random', 'vocab' or 'text', got {init!r}")
+        adapter = cls(prompt)
+        adapter.base_model_name_or_path = model.config.name_or_path
+        adapter.task_type = _task_type(model)
+        return adapter
+
+    def parameters(self):
+        return {"prompt": self.prompt}
+
+    def prompt_matrix(self):
+        return self.prompt
+
+    def gradients(self, grads):
+        """The model's backward dict -> {name: gradient} matching parameters()."""
+        return {"prompt": grads["prompt"]}
+
+    def check_model(self, model):
+        if self.prompt.shape[1] != model.config.hidden_size:
+            raise ValueError(f"adapter: prompt has hidden size {self.prompt.shape[1]}, the model "
+                             f"{model.config.hidden_size}")
+
+    def peft_matrix(self):
+        return self.prompt
+
+    def peft_config(self):
+        return {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": self.task_type,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": self.prompt.shape[1],
+            "num_transformer_submodules": 1,
+            "num_attention_heads": None,
+            "num_layers": None,
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+            "inference_mode": True,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None,
+            "modules_to_save": None,
+        }
+
+
+class PrefixTuning(_Adapter):
+    """Learned key/value prefixes for every attention layer (Li & Liang, 2021):
+    prefix [num_layers, 2 (key, value), P, num_kv_heads, head_dim]."""
+
+    kind = "prefix"
+
+    def __init__(self, prefix):
+        prefix = np.asarray(prefix)
+        if prefix.ndim != 5 or prefix.shape[1] != 2 or prefix.shape[2] < 1:
+            raise ValueError(f"prefix: expected shape [num_layers, 2, P, num_kv_heads, head_dim] with P >= 1, "
+                             f"got {prefix.shape}")
+        self.prefix = np.ascontiguousarray(prefix, dtype=np.float32)
+
+    @property
+    def num_virtual_tokens(self):
+        return self.prefix.shape[2]
+
+    @classmethod
+    def for_model(cls, model, num_virtual_tokens=20, init="random", *, init_text=None, seed=0, std=0.01):
+        """init: "random" (N(0, std^2), the seed's small start), "zero", or "text" (the frozen
+        model's own keys and values for `init_text`, so the adapter starts as that text would)."""
+        if int(num_virtual_tokens) < 1:
+            raise ValueError(f"num_virtual_tokens: expected >= 1, got {num_virtual_tokens}")
+        c, P = model.config, int(num_virtual_tokens)
+        shape = (c.num_layers, 2, P, c.num_kv_heads, c.head_dim)
+        if init == "random":
+            prefix = np.random.default_rng(seed).normal(0.0, std, shape)
+        elif init == "zero":
+            prefix = np.zeros(shape)
+        elif init == "text":
+            prefix = text_key_values(model, _text_ids(model, init_text, P))
+        else:
+            raise ValueError(f"init: expected 'random', 'zero' or 'text', got {init!r}")
+        adapter = cls(prefix)
+        adapter.base_model_name_or_path = c.name_or_path
+        adapter.task_type = _task_type(model)
+        return adapter
+
+    def parameters(self):
+        return {"prefix": self.prefix}
+
+    def prefix_matrix(self):
+        return self.prefix
+
+    def gradients(self, grads):
+        return {"prefix": grads["prefix"]}
+
+    def check_model(self, model):
+        c = model.config
+        want = (c.num_layers, 2, self.num_virtual_tokens, c.num_kv_heads, c.head_dim)
+        if self.prefix.shape != want:
+            raise ValueError(f"adapter: prefix has shape {self.prefix.shape}, this model needs {want} "
+                             "[num_layers, 2, P, num_kv_heads, head_dim]")
+
+    def peft_matrix(self):
+        L, _, P, H, D = self.prefix.shape
+        return self.prefix.transpose(2, 0, 1, 3, 4).reshape(P, L * 2 * H * D)
+
+    def peft_config(self):
+        L, _, P, H, D = self.prefix.shape
+        return {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": self.task_type,
+            "num_virtual_tokens": P,
+            "token_dim": H * D,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": H,
+            "num_layers": L,
+            "encoder_hidden_size": H * D,
+            "prefix_projection": False,
+            "inference_mode": True,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None,
+            "modules_to_save": None,
+        }
+
+
+def _text_ids(model, text, P):
+    """Token ids of `text`, cut or repeated to exactly P (PEFT's TEXT init does the same)."""
+    if not text:
+        raise ValueError("init_text: required for init='text'")
+    if model.tokenizer is None:
+        raise ValueError("init_text: this model has no tokenizer")
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError(f"init_text: {text!r} gives no tokens")
+    reps = -(-P // len(ids))
+    return np.array((ids * reps)[:P])
+
+
+def text_key_values(model, ids):
+    """The frozen model's keys and values for the tokens `ids` (positions 0..P-1), per layer:
+    -> [num_layers, 2, P, num_kv_heads, head_dim], what a cache of that text would hold."""
+    captured = {}
+    attention = model.attention
+
+    def record(i, q, k, v, ctx):
+        captured[i] = (k[0].copy(), v[0].copy())
+        return attention(i, q, k, v, ctx)
+
+    model.attention = record
+    try:
+        model.forward(np.asarray(ids)[None])
+    finally:
+        del model.attention  # back to the class method
+    return np.stack([np.stack(captured[i]) for i in range(model.config.num_layers)])

@@ -1,0 +1,92 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, GELU (tanh), fused c_attn.
+
+Block:  h = h + proj(attn(split(c_attn(ln_1(h)))));  h = h + mlp_proj(gelu(fc(ln_2(h))))
+The checkpoint's Conv1D weights are [in, out]; they are kept as transposed views ([out, in], no copy)
+so every linear here is y = x @ w.T + b.  Shapes: hidden [B, L, C]; q, k, v [B, L, H, D].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers as nn
+from .base import ModelConfig, Transformer
+
+
+class GPT2(Transformer):
+    def __init__(self, config: ModelConfig, embed, positions, layers, final_ln, tokenizer=None):
+        self.config, self.embed, self.wpe, self.layers, self.final_ln = config, embed, positions, layers, final_ln
+        self.tokenizer = tokenizer
+
+    def output_embeddings(self):
+        return self.embed  # tied
+
+    def embed_forward(self, x, ctx):
+        if ctx.positions.max() >= self.wpe.shape[0]:
+            raise ValueError(f"input_ids: sequence needs position {ctx.positions.max()}, GPT-2 has "
+                             f"{self.wpe.shape[0]} (n_positions)")
+        return x + self.wpe[ctx.positions], None  # positions are frozen: dx = dh
+
+    def block_forward(self, i, h, ctx):
+        c, w = self.config, self.layers[i]
+        B, L, C = h.shape
+        a, n1 = nn.layernorm(h, w["ln_1"], w["ln_1_bias"], c.norm_eps)
+        qkv = nn.linear(a, w["c_attn"], w["c_attn_bias"]).reshape(B, L, 3, c.num_heads, c.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        att, lse = self.attention(i, q, k, v, ctx)
+        h = h + nn.linear(att.reshape(B, L, C), w["c_proj"], w["c_proj_bias"])
+        m, n2 = nn.layernorm(h, w["ln_2"], w["ln_2_bias"], c.norm_eps)
+        f, g = nn.gelu_tanh(nn.linear(m, w["fc"], w["fc_bias"]))
+        h = h + nn.linear(f, w["mlp_proj"], w["mlp_proj_bias"])
+        return h, (n1, q, k, v, att, lse, n2, g)
+
+    def block_backward(self, i, dh, cache, ctx):
+        c, w = self.config, self.layers[i]
+        n1, q, k, v, att, lse, n2, g = cache
+        B, L, C = dh.shape
+        df = nn.gelu_tanh_backward(nn.linear_backward(dh, w["mlp_proj"]), g)
+        dh = dh + nn.layernorm_backward(nn.linear_backward(df, w["fc"]), n2, w["ln_2"])
+        datt = nn.linear_backward(dh, w["c_proj"]).reshape(B, L, c.num_heads, c.head_dim)
+        dq, dk, dv, dpk, dpv = self.attention_backward(i, datt, q, k, v, att, lse, ctx)
+        dqkv = np.stack([dq, dk, dv], axis=2).reshape(B, L, 3 * C)
+        return dh + nn.layernorm_backward(nn.linear_backward(dqkv, w["c_attn"]), n1, w["ln_1"]), dpk, dpv
+
+    def final_forward(self, h):
+        return nn.layernorm(h, self.final_ln[0], self.final_ln[1], self.config.norm_eps)
+
+    def final_backward(self, dh, cache):
+        return nn.layernorm_backward(dh, cache, self.final_ln[0])
+
+
+def gpt2_from_hf(cfg, w, tokenizer, source):
+    C, H = cfg["n_embd"], cfg["n_head"]
+    config = ModelConfig(
+        arch="gpt2",
+        num_layers=cfg["n_layer"],
+        num_heads=H,
+        num_kv_heads=H,
+        head_dim=C // H,
+        hidden_size=C,
+        vocab_size=cfg["vocab_size"],
+        intermediate_size=cfg.get("n_inner") or 4 * C,
+        norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        max_position_embeddings=cfg.get("n_positions", 1024),
+        tie_word_embeddings=True,
+        attention_bias=True,
+        model_type="gpt2",
+        name_or_path=cfg.get("_name_or_path") or source,
+    )
+    if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"source: GPT-2 activation {cfg['activation_function']!r} is not supported (gelu_new)")
+    layers = []
+    for i in range(config.num_layers):
+        p = f"h.{i}."
+        layers.append({
+            "ln_1": w(p + "ln_1.weight"), "ln_1_bias": w(p + "ln_1.bias"),
+            "c_attn": w(p + "attn.c_attn.weight").T, "c_attn_bias": w(p + "attn.c_attn.bias"),
+            "c_proj": w(p + "attn.c_proj.weight").T, "c_proj_bias": w(p + "attn.c_proj.bias"),
+            "ln_2": w(p + "ln_2.weight"), "ln_2_bias": w(p + "ln_2.bias"),
+            "fc": w(p + "mlp.c_fc.weight").T, "fc_bias": w(p + "mlp.c_fc.bias"),
+            "mlp_proj": w(p + "mlp.c_proj.weight").T, "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
+        })
+    return GPT2(config, w("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer)
