@@ -330,3 +330,41 @@ def test_text_initialized_prefix_reproduces_the_text(hf_models, rng):
     with_prefix = model.logits(ids, adapter=adapter)
     with_text = model.logits(np.concatenate([text_ids[None], ids], axis=1))[:, 4:]
     np.testing.assert_allclose(with_prefix, with_text, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
+def test_kv_cache_generation_equals_recomputation(hf_models, arch, kind, rng):
+    model = load_model(hf_models[arch][0])
+    adapter = None if kind is None else _adapter(kind, model)
+    prompts = [list(_ids(rng, 1, n)[0]) for n in (5, 2, 7)]  # left-padded inside
+    cached = softprompt.generate(model, prompts, adapter=adapter, max_new_tokens=6)
+    recomputed = softprompt.generate(model, prompts, adapter=adapter, max_new_tokens=6, use_cache=False)
+    assert cached == recomputed and all(len(r) == 6 for r in cached)
+    alone = [softprompt.generate(model, [p], adapter=adapter, max_new_tokens=6)[0] for p in prompts]
+    assert alone == cached  # padding does not change a row
+    sampled = softprompt.generate(model, prompts, adapter=adapter, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=4)
+    again = softprompt.generate(model, prompts, adapter=adapter, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=4,
+                                use_cache=False)
+    assert sampled == again
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_generation_matches_transformers(hf_models, arch, rng):
+    folder, ref = hf_models[arch]
+    model = load_model(folder)
+    prompt = _ids(rng, 1, 5)
+    ours = softprompt.generate(model, prompt, max_new_tokens=8)[0]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                              pad_token_id=0)[0, 5:].tolist()
+    assert ours == theirs
+
+
+def test_stop_tokens_end_a_row(hf_models, rng):
+    model = load_model(hf_models["llama"][0])
+    prompt = [list(_ids(rng, 1, 4)[0])]
+    free = softprompt.generate(model, prompt, max_new_tokens=6)[0]
+    stopped = softprompt.generate(model, prompt, max_new_tokens=6, stop_tokens=[free[2]])[0]
+    assert stopped == free[: free.index(free[2])]

@@ -11,6 +11,7 @@ import operator as _operator
 
 from . import ops, reference
 from .adapters import PrefixTuning, PromptTuning
+from .generate import generate
 from .models import load_model
 from ._core import get_num_threads as _get_num_threads
 from ._core import has_openmp
@@ -23,6 +24,7 @@ __all__ = [
     "load_model",
     "PromptTuning",
     "PrefixTuning",
+    "generate",
     "set_num_threads",
     "get_num_threads",
     "has_openmp",

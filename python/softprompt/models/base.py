@@ -150,8 +150,16 @@ class Transformer:
         return out
 
     def attention(self, i, q, k, v, ctx):
-        """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D]."""
+        """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D].
+        With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
+        the queries attend to all of them (the causal rule with S > T)."""
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        cache = ctx.extra.get("kv_cache")
+        if cache is not None:
+            if i in cache:
+                k = np.concatenate([cache[i][0], k], axis=1)
+                v = np.concatenate([cache[i][1], v], axis=1)
+            cache[i] = (k, v)
         return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask)
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
@@ -199,6 +207,17 @@ class Transformer:
             if kind == "prompt":
                 types = np.concatenate([np.zeros((B, P), dtype=np.int64), types], axis=1)
             ctx.extra["token_type_ids"] = types
+        h, embed_cache, caches, final_cache = self.run(x, ctx, keep_cache)
+        if kind == "prompt" and not keep_virtual:
+            h = h[:, P:]
+        if not keep_cache:
+            return h
+        return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
+                   "length": x.shape[1]}
+
+    def run(self, x, ctx, keep_cache=False):
+        """The layers on embeddings x [B, L, C] (prompt already prepended) for the context ctx.
+        -> final hidden [B, L, C], and the caches the backward needs (None without keep_cache)."""
         self.prepare(ctx, x.dtype)
         h, embed_cache = self.embed_forward(x, ctx)
         caches = []
@@ -206,12 +225,7 @@ class Transformer:
             h, cache = self.block_forward(i, h, ctx)
             caches.append(cache if keep_cache else None)
         h, final_cache = self.final_forward(h)
-        if kind == "prompt" and not keep_virtual:
-            h = h[:, P:]
-        if not keep_cache:
-            return h
-        return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
-                   "length": x.shape[1]}
+        return h, embed_cache, caches, final_cache
 
     def backward(self, dhidden, cache):
         """Gradients of a scalar loss, given d loss / d hidden [B, T, C] (or [B, P+T, C] for a

@@ -1,0 +1,108 @@
+"""Text generation for causal models (Llama family, GPT-2) with a KV cache, batched with left padding.
+
+Greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens end a row. With prompt
+tuning the virtual tokens are the first P rows of the cache; with prefix tuning every layer's prefix
+is always visible and the input tokens start at position P, as in training (and in PEFT).
+`use_cache=False` recomputes the whole sequence at every step: slower, and the tests' reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .models.base import Context, _adapter_parts
+
+
+def _batch(input_ids, pad_id=0):
+    """A list of token-id lists (or an int array [B, T]) -> left-padded ids and mask [B, T]."""
+    if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
+        return input_ids.astype(np.int64), np.ones(input_ids.shape, dtype=bool)
+    seqs = [list(s) for s in input_ids]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("input_ids: expected one or more non-empty token sequences")
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=bool)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = s
+        mask[b, T - len(s):] = True
+    return ids, mask
+
+
+def _pick(logits, temperature, top_p, rng):
+    """logits [B, V] -> next token ids [B]."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    out = np.empty(len(p), dtype=np.int64)
+    for b in range(len(p)):
+        order = np.argsort(-p[b])
+        cum = np.cumsum(p[b, order])
+        keep = order[: int(np.searchsorted(cum, top_p)) + 1]  # smallest set with mass >= top_p
+        q = p[b, keep] / p[b, keep].sum()
+        out[b] = keep[rng.choice(len(keep), p=q)]
+    return out
+
+
+def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
+             stop_tokens=(), seed=0, use_cache=True):
+    """New tokens for each sequence of `input_ids` (a list of id lists, left-padded here, or an
+    int array [B, T]). -> list of lists of generated ids (a stop token ends a row, not included)."""
+    if not model.config.causal:
+        raise ValueError("model: generation needs a causal (decoder) model")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature >= 0 and 0 < top_p <= 1 expected, got {temperature}, {top_p}")
+    ids, mask = _batch(input_ids)
+    rng = np.random.default_rng(seed)
+    stop = set(int(t) for t in stop_tokens)
+    B = ids.shape[0]
+    out = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    if not use_cache:
+        for _ in range(max_new_tokens):
+            nxt = _pick(model.logits(ids, mask, adapter=adapter)[:, -1], temperature, top_p, rng)
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((B, 1), dtype=bool)], axis=1)
+            if _record(out, done, nxt, stop):
+                break
+        return out
+
+    # Prefill: the whole prompt once, keeping every layer's keys and values.
+    x = model.embed_tokens(ids)
+    kind, P, prompt, prefix = _adapter_parts(adapter, model, x.dtype)
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    if kind == "prompt":
+        x = ops.prepend_forward(prompt, x)
+        mask = np.concatenate([np.ones((B, P), dtype=bool), mask], axis=1)
+        pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos + P], axis=1)
+    elif kind == "prefix":
+        pos = pos + P
+    kv = {}
+    ctx = Context(positions=pos, key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
+    h = model.run(x, ctx)[0]
+    next_pos = pos[:, -1] + 1
+    for step in range(max_new_tokens):
+        nxt = _pick(h[:, -1] @ model.output_embeddings().T, temperature, top_p, rng)
+        if _record(out, done, nxt, stop) or step == max_new_tokens - 1:
+            break
+        # One step: the new token against the cache (its key is appended inside attention()).
+        mask = np.concatenate([mask, np.ones((B, 1), dtype=bool)], axis=1)
+        ctx = Context(positions=next_pos[:, None], key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
+        h = model.run(model.embed_tokens(nxt[:, None]), ctx)[0]
+        next_pos = next_pos + 1
+    return out
+
+
+def _record(out, done, nxt, stop):
+    """Appends each unfinished row's token; -> True when every row is finished."""
+    for b, t in enumerate(nxt):
+        if done[b]:
+            continue
+        if int(t) in stop:
+            done[b] = True
+        else:
+            out[b].append(int(t))
+    return bool(done.all())
