@@ -368,3 +368,12 @@ def test_stop_tokens_end_a_row(hf_models, rng):
     free = softprompt.generate(model, prompt, max_new_tokens=6)[0]
     stopped = softprompt.generate(model, prompt, max_new_tokens=6, stop_tokens=[free[2]])[0]
     assert stopped == free[: free.index(free[2])]
+
+
+def test_sharded_checkpoint_loads(hf_models, tmp_path, rng):
+    _, ref = hf_models["llama"]
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")  # several shards + model.safetensors.index.json
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids = _ids(rng, 1, 6)
+    np.testing.assert_array_equal(load_model(tmp_path).logits(ids), load_model(hf_models["llama"][0]).logits(ids))
