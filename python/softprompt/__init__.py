@@ -7,9 +7,17 @@ their pure-NumPy twin.
 
 from __future__ import annotations
 
-import operator as _operator
+import os as _os
 
-from . import ops, reference
+# NumPy's OpenBLAS keeps its worker threads spinning for ~2^28 cycles after every threaded call; on a
+# laptop's few cores they then starve our OpenMP threads (attention ran 8x slower inside the model).
+# Sleeping after 2^4 cycles costs the GEMMs nothing measurable. Takes effect when softprompt is
+# imported before NumPy (always for the `softprompt` command); a user's own setting wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import operator as _operator  # noqa: E402
+
+from . import ops, reference  # noqa: E402
 from .adapters import PrefixTuning, PromptTuning
 from .generate import generate
 from .models import load_model

