@@ -17,6 +17,7 @@
 
 #include "prefix_attention.h"
 #include "simd.h"
+#include "prefix_grad.h"
 #include "threads.h"
 
 namespace softprompt {
@@ -371,15 +372,7 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   T* qtiles = vp + heads * head_size;
   T* dotiles = qtiles + grid.size();
   T* delta = dotiles + grid.size();
-  // A shared prefix gets one gradient slot per batch row, summed in batch order below.
-  std::vector<T> partial;
-  T *pk_grad = dprefix_k, *pv_grad = dprefix_v;
-  if (!s.prefix_per_row && s.P > 0 && s.B > 1) {
-    partial.resize(2 * s.B * s.P * kv_row);
-    pk_grad = partial.data();
-    pv_grad = partial.data() + s.B * s.P * kv_row;
-  }
-  const bool slot_per_row = s.prefix_per_row || !partial.empty();
+  PrefixGradient<T> dprefix(s, dprefix_k, dprefix_v);
   const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
@@ -409,27 +402,18 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
                          delta + (b * s.H + h) * s.T + i0, lse);
         }
       // Accumulator rows [prefix | input] x Dp -> the outputs' D columns.
-      const int64_t poff = (slot_per_row ? b * s.P * kv_row : 0) + hk * s.D;
       const int64_t koff = b * s.S * kv_row + hk * s.D;
+      T *pk_rows = dprefix.key(b, hk), *pv_rows = dprefix.value(b, hk);
       for (int64_t r = 0; r < s.P + s.S; ++r) {
         const bool pre = r < s.P;
-        T* kdst = pre ? pk_grad + poff + r * kv_row : dk + koff + (r - s.P) * kv_row;
-        T* vdst = pre ? pv_grad + poff + r * kv_row : dv + koff + (r - s.P) * kv_row;
+        T* kdst = pre ? pk_rows + r * kv_row : dk + koff + (r - s.P) * kv_row;
+        T* vdst = pre ? pv_rows + r * kv_row : dv + koff + (r - s.P) * kv_row;
         std::copy_n(w.dk.data() + r * w.Dp, s.D, kdst);
         std::copy_n(w.dv.data() + r * w.Dp, s.D, vdst);
       }
     }
     from_tiles(grid, qtiles, dq);
-    if (!partial.empty()) {
-      const int64_t n = s.P * kv_row, stride = s.B * s.P * kv_row;
-#pragma omp for schedule(static)
-      for (int64_t e = 0; e < 2 * n; ++e) {
-        const T* src = partial.data() + (e < n ? e : stride + e - n);
-        T acc = src[0];
-        for (int64_t bb = 1; bb < s.B; ++bb) acc += src[bb * n];
-        (e < n ? dprefix_k[e] : dprefix_v[e - n]) = acc;
-      }
-    }
+    dprefix.reduce();
   }
 }
 

@@ -17,6 +17,7 @@
 
 #include <Eigen/Core>
 
+#include "prefix_grad.h"
 #include "threads.h"
 
 namespace softprompt {
@@ -269,15 +270,7 @@ void prefix_attention_backward_eigen(const AttentionShape& s, const T* dout, con
                                T* dq, T* dk, T* dv, T* dprefix_k, T* dprefix_v) {
   const int64_t group = s.H / s.Hkv, kv_row = s.Hkv * s.D;
   const int64_t items = s.B * s.Hkv;
-  // A shared prefix gets one gradient slot per batch row, summed in batch order below.
-  std::vector<T> partial;
-  T *pk_grad = dprefix_k, *pv_grad = dprefix_v;
-  if (!s.prefix_per_row && s.P > 0 && s.B > 1) {
-    partial.resize(2 * s.B * s.P * kv_row);
-    pk_grad = partial.data();
-    pv_grad = partial.data() + s.B * s.P * kv_row;
-  }
-  const bool slot_per_row = s.prefix_per_row || !partial.empty();
+  PrefixGradient<T> dprefix(s, dprefix_k, dprefix_v);
   const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
@@ -287,27 +280,17 @@ void prefix_attention_backward_eigen(const AttentionShape& s, const T* dout, con
       const int64_t b = item / s.Hkv, hk = item % s.Hkv;
       const HeadView<T> hv(s, b, hk, k, v, prefix_k, prefix_v, key_padding_mask);
       const int64_t koff = b * s.S * kv_row + hk * s.D;
-      const int64_t poff = (slot_per_row ? b * s.P * kv_row : 0) + hk * s.D;
       Rows<T> dkh(dk + koff, s.S, s.D, Eigen::OuterStride<>(kv_row));
       Rows<T> dvh(dv + koff, s.S, s.D, Eigen::OuterStride<>(kv_row));
-      Rows<T> dpk(s.P ? pk_grad + poff : nullptr, s.P, s.D, Eigen::OuterStride<>(kv_row));
-      Rows<T> dpv(s.P ? pv_grad + poff : nullptr, s.P, s.D, Eigen::OuterStride<>(kv_row));
+      Rows<T> dpk(dprefix.key(b, hk), s.P, s.D, Eigen::OuterStride<>(kv_row));
+      Rows<T> dpv(dprefix.value(b, hk), s.P, s.D, Eigen::OuterStride<>(kv_row));
       dkh.setZero(), dvh.setZero(), dpk.setZero(), dpv.setZero();
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = 0; i0 < s.T; i0 += kQueryBlock)
           backward_block(s, w, hv, h, i0, std::min(kQueryBlock, s.T - i0), dout, q, out, lse, dq,
                          dkh, dvh, dpk, dpv);
     }
-    if (!partial.empty()) {
-      const int64_t n = s.P * kv_row, stride = s.B * s.P * kv_row;
-#pragma omp for schedule(static)
-      for (int64_t e = 0; e < 2 * n; ++e) {
-        const T* src = partial.data() + (e < n ? e : stride + e - n);
-        T acc = src[0];
-        for (int64_t b = 1; b < s.B; ++b) acc += src[b * n];
-        (e < n ? dprefix_k[e] : dprefix_v[e - n]) = acc;
-      }
-    }
+    dprefix.reduce();
   }
 }
 

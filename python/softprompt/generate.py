@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
-from .models.base import Context, _adapter_parts
+from .models.base import Context
 
 
 def _batch(input_ids, pad_id=0):
@@ -71,18 +70,12 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
         return out
 
     # Prefill: the whole prompt once, keeping every layer's keys and values.
-    x = model.embed_tokens(ids)
-    kind, P, prompt, prefix = _adapter_parts(adapter, model, x.dtype)
-    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    if kind == "prompt":
-        x = ops.prepend_forward(prompt, x)
-        mask = np.concatenate([np.ones((B, P), dtype=bool), mask], axis=1)
-        pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos + P], axis=1)
-    elif kind == "prefix":
-        pos = pos + P
-    kv = {}
-    ctx = Context(positions=pos, key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
+    _, _, x, ctx = model.inject(adapter, model.embed_tokens(ids), mask)
+    mask = np.ones(x.shape[:2], dtype=bool) if ctx.key_mask is None else ctx.key_mask
+    prefix, kv = ctx.prefix, {}
+    ctx.extra["kv_cache"] = kv
     h = model.run(x, ctx)[0]
+    pos = ctx.positions
     next_pos = pos[:, -1] + 1
     for step in range(max_new_tokens):
         nxt = _pick(h[:, -1] @ model.output_embeddings().T, temperature, top_p, rng)

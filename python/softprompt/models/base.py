@@ -192,16 +192,7 @@ class Transformer:
             x = inputs_embeds
             ids = None
         B, T = x.shape[:2]
-        mask = _as_mask(attention_mask, (B, T))
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # real tokens count from 0
-        kind, P, prompt, prefix = _adapter_parts(adapter, self, x.dtype)
-        if kind == "prompt":
-            x = ops.prepend_forward(prompt, x)
-            mask = np.concatenate([np.ones((B, P), dtype=bool), mask], axis=1)
-            pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos + P], axis=1)
-        elif kind == "prefix":
-            pos = pos + P
-        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
+        kind, P, x, ctx = self.inject(adapter, x, _as_mask(attention_mask, (B, T)))
         if token_type_ids is not None:
             types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
             if kind == "prompt":
@@ -214,6 +205,21 @@ class Transformer:
             return h
         return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
                    "length": x.shape[1]}
+
+    def inject(self, adapter, x, mask):
+        """Applies the adapter to token embeddings x [B, T, C] with mask [B, T] (True = real).
+        -> (kind, P, the layers' input [B, L, C], their Context). Positions count real tokens from
+        0; a prompt takes positions 0..P-1 in front, a prefix shifts the input to start at P."""
+        B = x.shape[0]
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        kind, P, prompt, prefix = _adapter_parts(adapter, self, x.dtype)
+        if kind == "prompt":
+            x = ops.prepend_forward(prompt, x)
+            mask = np.concatenate([np.ones((B, P), dtype=bool), mask], axis=1)
+            pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos + P], axis=1)
+        elif kind == "prefix":
+            pos = pos + P
+        return kind, P, x, Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
 
     def run(self, x, ctx, keep_cache=False):
         """The layers on embeddings x [B, L, C] (prompt already prepended) for the context ctx.
