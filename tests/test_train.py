@@ -77,7 +77,7 @@ def test_training_learns_the_task(tiny, tmp_path, method, lr, projection):
         assert (out / name).exists(), name
     adapter = (softprompt.PrefixTuning if method == "prefix" else softprompt.PromptTuning).from_pretrained(out, model)
     task = softprompt.train.Task(model, dataset)
-    assert task.accuracy(adapter, task.test) == pytest.approx(m["test_accuracy"])  # the saved file is the result
+    assert task.evaluate(adapter, task.test) == pytest.approx(m["test_accuracy"])  # the saved file is the result
 
 
 def test_resume_gives_the_same_adapter_bitwise(tiny, tmp_path):

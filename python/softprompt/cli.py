@@ -95,7 +95,7 @@ def _cmd_eval(args):
     dataset = data_mod.load_file(args.data, labels) if args.data else data_mod.rotten_tomatoes()
     task = Task(model, dataset, info.get("template", data_mod.TEMPLATE))
     split = {"test": task.test, "validation": task.validation, "train": task.train}[args.split]
-    value = task.accuracy(adapter, split, limit=args.max_eval)
+    value = task.evaluate(adapter, split, limit=args.max_eval)
     name = "accuracy" if task.kind == "classification" else "loss"
     print(json.dumps({f"{args.split}_{name}": value, "examples": min(len(split), args.max_eval or len(split))}))
     return 0

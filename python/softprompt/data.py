@@ -161,10 +161,13 @@ class Encoded:
     answer: int | None = None
 
 
-def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=256):
-    text = tokenizer.encode(example.text, add_special_tokens=False).ids[: max_tokens]
-    prompt = template.format(text=tokenizer.decode(text)) if len(text) == max_tokens else template.format(text=example.text)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512):
+    """The template around the text; the answer is read at the last token."""
+    ids = tokenizer.encode(template.format(text=example.text), add_special_tokens=False).ids
+    words = example.text.split()
+    while len(ids) > max_tokens and words:  # a very long text loses words from its end
+        words = words[: len(words) * 3 // 4]
+        ids = tokenizer.encode(template.format(text=" ".join(words)), add_special_tokens=False).ids
     return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label))
 
 

@@ -237,7 +237,7 @@ class Task:
         grads = adapter.gradients(self.model.backward(dh, cache))
         return loss, grads, int(mask.sum()), weight
 
-    def accuracy(self, adapter, examples, batch_size=32, limit=None):
+    def evaluate(self, adapter, examples, batch_size=32, limit=None):
         """Classification accuracy (or, for generation, mean target-token loss) on examples."""
         examples = examples[:limit] if limit else examples
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
@@ -347,8 +347,8 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
     metric = "accuracy" if task.kind == "classification" else "loss"
     better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
     if not cfg.resume:
-        state["zero_shot"] = task.accuracy(None, task.test, limit=cfg.max_eval)
-        state["initial"] = task.accuracy(adapter, task.test, limit=cfg.max_eval)
+        state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval)
+        state["initial"] = task.evaluate(adapter, task.test, limit=cfg.max_eval)
         log(f"zero-shot test {metric} (frozen model, no adapter): {state['zero_shot']:.4f}; "
             f"with the initialized {cfg.method} adapter: {state['initial']:.4f}")
     if cfg.progress:
@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
             bar.update(1)
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             t_eval = time.perf_counter()
-            value = task.accuracy(adapter, task.validation, limit=cfg.max_eval)
+            value = task.evaluate(adapter, task.validation, limit=cfg.max_eval)
             state["eval_seconds"] += time.perf_counter() - t_eval
             state["evals"].append({"step": state["step"], f"validation_{metric}": value})
             if state["best"] is None or better(value, state["best"]):
@@ -412,7 +412,7 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
     if state.get("best_params") is not None and cfg.patience:  # early stopping keeps the best
         for k, v in state["best_params"].items():
             params[k][...] = v
-    final = task.accuracy(adapter, task.test, limit=cfg.max_eval)
+    final = task.evaluate(adapter, task.test, limit=cfg.max_eval)
     metrics = {
         f"zero_shot_{metric}": state.get("zero_shot"),
         f"initial_{metric}": state.get("initial"),
@@ -482,7 +482,11 @@ def _plot(path, state, metric):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [h["step"] for h in state["history"]]
-    ax.plot(steps, [h["loss"] for h in state["history"]], lw=0.8, label="training loss")
+    losses = np.array([h["loss"] for h in state["history"]])
+    ax.plot(steps, losses, lw=0.6, alpha=0.35, color="C0")
+    k = min(20, len(losses))
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:], smooth, lw=1.5, color="C0", label=f"training loss ({k}-step mean)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if state["evals"]:
@@ -490,7 +494,7 @@ def _plot(path, state, metric):
         ax2.plot([e["step"] for e in state["evals"]], [e[f"validation_{metric}"] for e in state["evals"]], "o-",
                  color="C1", label=f"validation {metric}")
         ax2.set_ylabel(f"validation {metric}")
-    fig.legend(loc="upper right")
+    fig.legend(loc="lower left", bbox_to_anchor=(0.1, 0.15))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
