@@ -115,6 +115,21 @@ def test_checkpoint_writes_are_atomic(tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temporary left behind
 
 
+def test_prompt_inits(tiny):
+    _, model, _, _ = tiny
+    ids = [VOCAB.index("negative"), VOCAB.index("positive")]
+    labels = softprompt.PromptTuning.for_model(model, 4, init="labels", label_ids=ids).prompt
+    np.testing.assert_array_equal(labels[:2], model.embed[ids])
+    text = softprompt.PromptTuning.for_model(model, 5, init="text", init_text="good bad").prompt
+    np.testing.assert_array_equal(text, model.embed[[7, 8, 7, 8, 7]])  # repeated to fill P
+    vocab = softprompt.PromptTuning.for_model(model, 3, init="vocab").prompt
+    assert all(any(np.array_equal(row, e) for e in model.embed) for row in vocab)
+    with pytest.raises(ValueError, match="init: expected"):
+        softprompt.PromptTuning.for_model(model, 3, init="bogus")
+    with pytest.raises(ValueError, match="label_ids: required"):
+        softprompt.PromptTuning.for_model(model, 3, init="labels")
+
+
 def test_schedule_and_optimizer():
     assert learning_rate(0, 100, 1.0, 10, "linear") == pytest.approx(0.1)
     assert learning_rate(9, 100, 1.0, 10, "linear") == pytest.approx(1.0)

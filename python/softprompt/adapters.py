@@ -151,22 +151,31 @@ class PromptTuning(_Adapter):
         return self.prompt.shape[0]
 
     @classmethod
-    def for_model(cls, model, num_virtual_tokens=20, init="random", *, init_text=None, seed=0):
-        """init: "random" (N(0, 0.5^2) per entry: about a token embedding's scale), "vocab" (rows
-        of the embedding table at random token ids, as the seed suggests) or "text" (the embeddings
-        of `init_text`'s tokens, repeated to fill P, as PEFT's TEXT init)."""
+    def for_model(cls, model, num_virtual_tokens=20, init="random", *, init_text=None, label_ids=None, seed=0):
+        """init: "random" (normal, with the embedding table's standard deviation), "vocab" (rows of
+        the embedding table at random token ids, as the seed suggests), "text" (the embeddings of
+        `init_text`'s tokens, repeated to fill P, as PEFT's TEXT init) or "labels" (Lester et al.'s
+        class-label init: the label words' embeddings first, then rows of the 5,000 lowest token ids,
+        which byte-level BPE vocabularies give to their most frequent merges)."""
         if int(num_virtual_tokens) < 1:
             raise ValueError(f"num_virtual_tokens: expected >= 1, got {num_virtual_tokens}")
         P, C = int(num_virtual_tokens), model.config.hidden_size
         rng = np.random.default_rng(seed)
         if init == "random":
-            prompt = rng.normal(0.0, 0.5, (P, C)) * float(np.std(model.embed)) / 0.5
+            prompt = rng.normal(0.0, float(np.std(model.embed)), (P, C))
         elif init == "vocab":
             prompt = model.embed[rng.integers(0, model.config.vocab_size, P)]
         elif init == "text":
             prompt = model.embed[_text_ids(model, init_text, P)]
+        elif init == "labels":
+            if not label_ids:
+                raise ValueError("label_ids: required for init='labels'")
+            ids = list(label_ids)[:P]
+            common = min(5000, model.config.vocab_size)
+            ids += list(rng.integers(0, common, P - len(ids)))
+            prompt = model.embed[np.array(ids)]
         else:
-            raise ValueError(f"init: expected 'random', 'vocab' or 'text', got {init!r}")
+            raise ValueError(f"init: expected 'random', 'vocab', 'text' or 'labels', got {init!r}")
         adapter = cls(prompt)
         adapter.base_model_name_or_path = model.config.name_or_path
         adapter.task_type = _task_type(model)

@@ -24,9 +24,9 @@ def _train_parser(sub):
     p = sub.add_parser("train", help="tune a prompt or prefix (default: SmolLM2 on Rotten Tomatoes sentiment)")
     p.add_argument("--method", choices=["prompt", "prefix"], default="prompt")
     p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--init", choices=["random", "vocab", "text", "zero"], default=None,
-                   help="prompt: random|vocab|text (default text); prefix: random|zero|text (default text: the "
-                        "model's own keys and values for --init-text)")
+    p.add_argument("--init", choices=["random", "vocab", "text", "labels", "zero"], default=None,
+                   help="prompt: random|vocab|text|labels (default text); prefix: random|zero|text (default text: "
+                        "the model's own keys and values for --init-text)")
     p.add_argument("--init-text", default=DEFAULT_INIT_TEXT)
     p.add_argument("--prefix-projection", action="store_true", help="Li & Liang's tanh-MLP reparameterization")
     p.add_argument("--encoder-hidden-size", type=int, default=256)

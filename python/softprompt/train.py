@@ -180,11 +180,12 @@ class PrefixProjection(PrefixTuning):
         self.merged().save_pretrained(directory)
 
 
-def make_adapter(model, cfg):
-    """A fresh adapter for the resolved TrainConfig."""
+def make_adapter(model, cfg, label_ids=None):
+    """A fresh adapter for the resolved TrainConfig (label_ids: for the "labels" init)."""
     P = cfg.num_virtual_tokens
     if cfg.method == "prompt":
-        return PromptTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
+        return PromptTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, label_ids=label_ids,
+                                      seed=cfg.seed)
     if cfg.prefix_projection:
         base = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed).prefix
         adapter = PrefixProjection(base, cfg.encoder_hidden_size, seed=cfg.seed)
@@ -328,7 +329,7 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
     if dataset is None:
         dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
     task = Task(model, dataset)
-    adapter = make_adapter(model, cfg)
+    adapter = make_adapter(model, cfg, task.label_ids)
     params = adapter.parameters()
     opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(task.train) / (cfg.batch_size * cfg.grad_accum)))
