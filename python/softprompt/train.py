@@ -348,6 +348,8 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
     metric = "accuracy" if task.kind == "classification" else "loss"
     better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
     if not cfg.resume:
+        n_test = min(len(task.test), cfg.max_eval or len(task.test))
+        log(f"{len(task.train)} training examples; evaluating the start on {n_test} test examples...")
         state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval)
         state["initial"] = task.evaluate(adapter, task.test, limit=cfg.max_eval)
         log(f"zero-shot test {metric} (frozen model, no adapter): {state['zero_shot']:.4f}; "
