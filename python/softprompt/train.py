@@ -230,12 +230,7 @@ class Task:
             loss, dh, _ = heads.label_word_loss(self.model, hidden, pos, self.label_ids, labels)
             weight = len(batch)
         else:
-            T = ids.shape[1]
-            targets = np.zeros_like(ids)
-            targets[:, :-1] = ids[:, 1:]
-            t = np.arange(T)[None, :]
-            lengths = mask.sum(1)[:, None]
-            loss_mask = (t >= np.array([e.loss_from for e in batch])[:, None]) & (t < lengths - 1)
+            targets, loss_mask = _next_token_targets(ids, mask, batch)
             loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask)
             weight = int(loss_mask.sum())
         grads = adapter.gradients(self.model.backward(dh, cache))
@@ -254,17 +249,10 @@ class Task:
                 logits = heads.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
                 correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
             else:
-                total_loss += self._generation_loss(hidden, ids, mask, batch) * len(batch)
+                total_loss += heads.lm_loss(self.model, hidden, *_next_token_targets(ids, mask, batch))[0] * len(batch)
         if self.kind == "classification":
             return correct / max(1, len(examples))
         return total_loss / max(1, len(examples))
-
-    def _generation_loss(self, hidden, ids, mask, batch):
-        targets = np.zeros_like(ids)
-        targets[:, :-1] = ids[:, 1:]
-        t = np.arange(ids.shape[1])[None, :]
-        loss_mask = (t >= np.array([e.loss_from for e in batch])[:, None]) & (t < mask.sum(1)[:, None] - 1)
-        return heads.lm_loss(self.model, hidden, targets, loss_mask)[0]
 
     def predict(self, adapter, text):
         """The label (classification) for one text."""
@@ -273,6 +261,16 @@ class Task:
         hidden = self.model.forward(np.array([e.ids]), adapter=adapter)
         logits = heads.label_word_logits(self.model, hidden, np.array([len(e.ids) - 1]), self.label_ids)
         return self.labels[int(logits.argmax())]
+
+
+def _next_token_targets(ids, mask, batch):
+    """Position t predicts token t+1; only target tokens count (from each example's loss_from, up
+    to its last real token). -> targets [B, T], loss_mask [B, T]."""
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    t = np.arange(ids.shape[1])[None, :]
+    starts = np.array([e.loss_from for e in batch])[:, None]
+    return targets, (t >= starts) & (t < mask.sum(1)[:, None] - 1)
 
 
 # --------------------------------------------------------------------------- checkpoints

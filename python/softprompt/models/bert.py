@@ -126,7 +126,7 @@ def bert_from_hf(cfg, w, tokenizer, source):
         mlm = {
             "dense": w("cls.predictions.transform.dense.weight"), "dense_bias": w("cls.predictions.transform.dense.bias"),
             "ln": w("cls.predictions.transform.LayerNorm.weight"), "ln_bias": w("cls.predictions.transform.LayerNorm.bias"),
-            "bias": w("cls.predictions.bias", optional=True) if w.has("cls.predictions.bias") else w("cls.predictions.decoder.bias"),
+            "bias": w("cls.predictions.bias") if w.has("cls.predictions.bias") else w("cls.predictions.decoder.bias"),
         }
     return Bert(
         config, w("embeddings.word_embeddings.weight"), w("embeddings.position_embeddings.weight"),
