@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "layers.h"
 #include "prefix_attention.h"
 #include "prepend.h"
 #include "threads.h"
@@ -161,6 +162,130 @@ py::tuple prepend_bwd(const Array<T>& dy, py::ssize_t prompt_length, bool shared
   return py::make_tuple(dprompt, dx);
 }
 
+// ---- fused layers (layers.h): 2-D row-major operands; N rows each
+template <typename T>
+py::tuple rmsnorm_fwd(const Array<T>& x, const Array<T>& w, double eps) {
+  expect_ndim(x, "x", 2);
+  const py::ssize_t N = x.shape(0), C = x.shape(1);
+  expect_shape(w, "weight", {C});
+  Array<T> y({N, C}), rstd({N});
+  T *yp = y.mutable_data(), *rp = rstd.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rmsnorm_forward<T>(N, C, x.data(), w.data(), T(eps), yp, rp);
+  }
+  return py::make_tuple(y, rstd);
+}
+
+template <typename T>
+Array<T> rmsnorm_bwd(const Array<T>& dy, const Array<T>& x, const Array<T>& rstd,
+                     const Array<T>& w, const std::optional<Array<T>>& residual) {
+  expect_ndim(x, "x", 2);
+  const py::ssize_t N = x.shape(0), C = x.shape(1);
+  expect_shape(dy, "dy", {N, C});
+  expect_shape(rstd, "rstd", {N});
+  expect_shape(w, "weight", {C});
+  if (residual) expect_shape(*residual, "residual", {N, C});
+  Array<T> dx({N, C});
+  T* dxp = dx.mutable_data();
+  const T* rp = residual ? residual->data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    rmsnorm_backward<T>(N, C, dy.data(), x.data(), rstd.data(), w.data(), rp, dxp);
+  }
+  return dx;
+}
+
+template <typename T>
+Array<T> swiglu_fwd(const Array<T>& gu) {
+  expect_ndim(gu, "gate_up", 2);
+  if (gu.shape(1) % 2) throw py::value_error("gate_up: expected an even width [N, 2F], got " + shape_str(gu));
+  const py::ssize_t N = gu.shape(0), F = gu.shape(1) / 2;
+  Array<T> a({N, F});
+  T* ap = a.mutable_data();
+  {
+    py::gil_scoped_release release;
+    swiglu_forward<T>(N, F, gu.data(), ap);
+  }
+  return a;
+}
+
+template <typename T>
+Array<T> swiglu_bwd(const Array<T>& da, const Array<T>& gu) {
+  expect_ndim(gu, "gate_up", 2);
+  if (gu.shape(1) % 2) throw py::value_error("gate_up: expected an even width [N, 2F], got " + shape_str(gu));
+  const py::ssize_t N = gu.shape(0), F = gu.shape(1) / 2;
+  expect_shape(da, "da", {N, F});
+  Array<T> dgu({N, 2 * F});
+  T* dp = dgu.mutable_data();
+  {
+    py::gil_scoped_release release;
+    swiglu_backward<T>(N, F, da.data(), gu.data(), dp);
+  }
+  return dgu;
+}
+
+template <typename T>
+py::tuple rope_split_py(const Array<T>& qkv, const Array<T>& cos, const Array<T>& sin,
+                        py::ssize_t H, py::ssize_t Hkv, py::ssize_t D) {
+  if (H < 1 || Hkv < 1 || D < 2 || D % 2)
+    throw py::value_error("rope_split: expected H, Hkv >= 1 and an even head_dim D >= 2");
+  expect_ndim(qkv, "qkv", 2);
+  const py::ssize_t N = qkv.shape(0);
+  expect_shape(qkv, "qkv", {N, (H + 2 * Hkv) * D});
+  expect_shape(cos, "cos", {N, D / 2});
+  expect_shape(sin, "sin", {N, D / 2});
+  Array<T> q({N, H, D}), k({N, Hkv, D}), v({N, Hkv, D});
+  T *qp = q.mutable_data(), *kp = k.mutable_data(), *vp = v.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rope_split<T>(N, H, Hkv, D, qkv.data(), cos.data(), sin.data(), qp, kp, vp);
+  }
+  return py::make_tuple(q, k, v);
+}
+
+template <typename T>
+Array<T> rope_merge_py(const Array<T>& dq, const Array<T>& dk, const Array<T>& dv,
+                       const Array<T>& cos, const Array<T>& sin) {
+  expect_ndim(dq, "dq", 3);
+  const py::ssize_t N = dq.shape(0), H = dq.shape(1), D = dq.shape(2);
+  if (D % 2) throw py::value_error("dq: expected an even head_dim, got " + shape_str(dq));
+  expect_ndim(dk, "dk", 3);
+  const py::ssize_t Hkv = dk.shape(1);
+  expect_shape(dk, "dk", {N, Hkv, D});
+  expect_shape(dv, "dv", {N, Hkv, D});
+  expect_shape(cos, "cos", {N, D / 2});
+  expect_shape(sin, "sin", {N, D / 2});
+  Array<T> dqkv({N, (H + 2 * Hkv) * D});
+  T* p = dqkv.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rope_merge<T>(N, H, Hkv, D, dq.data(), dk.data(), dv.data(), cos.data(), sin.data(), p);
+  }
+  return dqkv;
+}
+
+template <typename T>
+py::array_t<double> softmax_xent(Array<T>& logits, const py::array_t<int64_t, py::array::c_style>& labels,
+                                 double scale) {
+  expect_ndim(logits, "logits", 2);
+  const py::ssize_t N = logits.shape(0), V = logits.shape(1);
+  expect_shape(labels, "labels", {N});
+  const int64_t* lp = labels.data();
+  for (py::ssize_t n = 0; n < N; ++n)
+    if (lp[n] < 0 || lp[n] >= V)
+      throw py::value_error("labels: expected values in [0, " + std::to_string(V) + "), got " +
+                            std::to_string(lp[n]));
+  py::array_t<double> loss({N});
+  double* out = loss.mutable_data();
+  T* zp = logits.mutable_data();
+  {
+    py::gil_scoped_release release;
+    softmax_cross_entropy<T>(N, V, zp, lp, scale, out);
+  }
+  return loss;
+}
+
 template <typename T>
 void bind_dtype(py::module_& m) {
   m.def("prefix_attention_forward", &attention_forward<T>, py::arg("q").noconvert(),
@@ -176,6 +301,19 @@ void bind_dtype(py::module_& m) {
         py::arg("x").noconvert());
   m.def("prepend_backward", &prepend_bwd<T>, py::arg("dy").noconvert(),
         py::arg("prompt_length"), py::arg("shared"));
+  m.def("rmsnorm_forward", &rmsnorm_fwd<T>, py::arg("x").noconvert(), py::arg("weight").noconvert(),
+        py::arg("eps"));
+  m.def("rmsnorm_backward", &rmsnorm_bwd<T>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
+        py::arg("rstd").noconvert(), py::arg("weight").noconvert(),
+        py::arg("residual").noconvert() = py::none());
+  m.def("swiglu_forward", &swiglu_fwd<T>, py::arg("gate_up").noconvert());
+  m.def("swiglu_backward", &swiglu_bwd<T>, py::arg("da").noconvert(), py::arg("gate_up").noconvert());
+  m.def("rope_split", &rope_split_py<T>, py::arg("qkv").noconvert(), py::arg("cos").noconvert(),
+        py::arg("sin").noconvert(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"));
+  m.def("rope_merge", &rope_merge_py<T>, py::arg("dq").noconvert(), py::arg("dk").noconvert(),
+        py::arg("dv").noconvert(), py::arg("cos").noconvert(), py::arg("sin").noconvert());
+  m.def("softmax_cross_entropy", &softmax_xent<T>, py::arg("logits").noconvert(),
+        py::arg("labels").noconvert(), py::arg("scale"));
 }
 
 }  // namespace

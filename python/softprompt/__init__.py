@@ -15,6 +15,20 @@ import os as _os
 # imported before NumPy (always for the `softprompt` command); a user's own setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+# The other half of the same fight: after each of our parallel regions libgomp's threads spin
+# (~300k iterations) and take a core from the next BLAS call; in a model step, which alternates
+# GEMMs and our kernels, attention plus a GEMM took 2.5x their separate times. Passive waiting
+# costs ~10 us per region instead. Set only while our libgomp loads (it reads the variable then),
+# so other libraries, and processes we start, keep their defaults; a user's own setting wins.
+_wait_policy_set = "OMP_WAIT_POLICY" not in _os.environ
+if _wait_policy_set:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+try:
+    from . import _core  # noqa: E402
+finally:
+    if _wait_policy_set:
+        del _os.environ["OMP_WAIT_POLICY"]
+
 import operator as _operator  # noqa: E402
 
 from . import ops, reference  # noqa: E402

@@ -122,13 +122,10 @@ class Transformer:
         return self.embed[ids]
 
     def num_parameters(self):
-        """Frozen parameters, each shared (tied) array counted once."""
-        seen, total = set(), 0
-        for a in self.arrays():
-            if id(a) not in seen and not (a.base is not None and id(a.base) in seen):
-                seen.add(id(a))
-                total += a.size
-        return total
+        """Frozen parameters, each shared (tied) array counted once and views of another weight
+        (Llama's q inside the stacked qkv) not at all."""
+        arrays = {id(a): a for a in self.arrays()}
+        return sum(a.size for a in arrays.values() if not (a.base is not None and id(a.base) in arrays))
 
     def arrays(self):
         """Every frozen weight array."""

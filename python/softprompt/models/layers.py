@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from .. import _core, ops
+
 
 # --------------------------------------------------------------------------- linear
 def linear(x, w, b=None):
@@ -28,18 +30,29 @@ def linear_backward(dy, w):
 
 
 # --------------------------------------------------------------------------- norms
+# RMSNorm, SwiGLU and RoPE run in the C++ core (cpp/layers.cpp) unless ops' backend is "numpy";
+# each NumPy twin below computes the same thing and is what the C++ kernels are tested against.
+def _cpp():
+    return ops.get_backend() == "cpp"
+
+
 def rmsnorm(x, w, eps):
-    """y = x / rms(x) * w.  x [..., C] -> y, cache."""
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    xhat = x * rstd
-    return xhat * w, (xhat, rstd)
+    """y = x / rms(x) * w.  x [N, C] -> y [N, C], rstd [N] (the backward's cache, with x)."""
+    if _cpp():
+        return _core.rmsnorm_forward(x, w, eps)
+    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1) + eps)
+    return x * rstd[:, None] * w, rstd.astype(x.dtype)
 
 
-def rmsnorm_backward(dy, cache, w):
-    # dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
-    xhat, rstd = cache
-    g = dy * w
-    return rstd * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+def rmsnorm_backward(dy, x, rstd, w, residual=None):
+    """dy, x [N, C], rstd [N] -> dx [N, C], plus residual when given (the skip connection's
+    gradient, added in the same pass)."""
+    if _cpp():
+        return _core.rmsnorm_backward(dy, x, rstd, w, residual)
+    # dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd
+    xhat, g = x * rstd[:, None], dy * w
+    dx = rstd[:, None] * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    return dx if residual is None else dx + residual
 
 
 def layernorm(x, w, b, eps):
@@ -96,34 +109,53 @@ def gelu_erf_backward(dy, cache):
     return dy * (cdf + x * pdf)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up, the Llama MLP's gate."""
-    sig = 1.0 / (1.0 + np.exp(-gate))
-    return gate * sig * up, (gate, up, sig)
+def swiglu(gate_up):
+    """silu(gate) * up, the Llama MLP's gate.  gate_up [N, 2F] = [gate | up] -> [N, F]."""
+    if _cpp():
+        return _core.swiglu_forward(gate_up)
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate / (1.0 + np.exp(-gate)) * up
 
 
-def swiglu_backward(dy, cache):
+def swiglu_backward(da, gate_up):
+    """da [N, F] -> d gate_up [N, 2F]."""
+    if _cpp():
+        return _core.swiglu_backward(da, gate_up)
     # d silu(g)/dg = sig * (1 + g * (1 - sig))
-    gate, up, sig = cache
-    silu = gate * sig
-    return dy * up * sig * (1.0 + gate * (1.0 - sig)), dy * silu
+    gate, up = np.split(gate_up, 2, axis=-1)
+    sig = 1.0 / (1.0 + np.exp(-gate))
+    return np.concatenate([da * up * sig * (1.0 + gate * (1.0 - sig)), da * gate * sig], axis=-1)
 
 
 # --------------------------------------------------------------------------- rotary positions
 def rope_tables(positions, head_dim, theta, dtype):
-    """positions [B, T] (int) -> cos, sin [B, T, 1, head_dim/2] for the rotate-half convention."""
+    """positions [B, T] (int) -> cos, sin [B*T, head_dim/2] for the rotate-half convention."""
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = positions[..., None].astype(np.float64) * inv_freq  # [B, T, D/2]
-    return np.cos(angles)[:, :, None, :].astype(dtype), np.sin(angles)[:, :, None, :].astype(dtype)
+    angles = positions.reshape(-1, 1).astype(np.float64) * inv_freq  # [B*T, D/2]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
-def rope(x, cos, sin):
-    """Rotate pairs (i, i + D/2) by the position's angle.  x [B, T, H, D]."""
+def rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    """The fused q/k/v projection's output qkv [N, (H + 2 Hkv) D] -> q [N, H, D], k [N, Hkv, D]
+    rotated (pairs i, i + D/2) by each row's angle (cos, sin [N, D/2]), and v [N, Hkv, D]."""
+    if _cpp():
+        return _core.rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    N, H, D = qkv.shape[0], num_heads, head_dim
+    q, k, v = np.split(qkv.reshape(N, -1, D), [H, H + num_kv_heads], axis=1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v.copy()
+
+
+def rope_merge(dq, dk, dv, cos, sin):
+    """rope_split's backward: dq [N, H, D], dk, dv [N, Hkv, D] -> dqkv [N, (H + 2 Hkv) D]."""
+    if _cpp():
+        return _core.rope_merge(dq, dk, dv, cos, sin)
+    # The rotation is orthogonal: its backward rotates by the negative angle.
+    d = np.concatenate([_rotate(dq, cos, -sin), _rotate(dk, cos, -sin), dv], axis=1)
+    return d.reshape(dq.shape[0], -1)
+
+
+def _rotate(x, cos, sin):  # x [N, heads, D], cos/sin [N, D/2]
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def rope_backward(dy, cos, sin):
-    # The rotation is orthogonal: its backward rotates by the negative angle.
-    return rope(dy, cos, -sin)
+    c, s = cos[:, None], sin[:, None]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)

@@ -14,12 +14,22 @@ from .base import ModelConfig, Transformer
 
 class Llama(Transformer):
     """weights: embed [V, C]; per layer dict with attn_norm, q, k, v, o (+ q_bias, k_bias, v_bias),
-    mlp_norm, gate, up, down; final_norm [C]; lm_head [V, C] or None when tied to embed."""
+    mlp_norm, gate, up, down; final_norm [C]; lm_head [V, C] or None when tied to embed.
+
+    At construction q/k/v are stacked into one "qkv" [(H + 2 Hkv) D, C] and gate/up into one
+    "gate_up" [2F, C], once; "q", "gate", ... stay as row views of them (no second copy). One GEMM
+    then replaces three (or two) in the forward, and in the backward one GEMM with the summed
+    inner dimension replaces three products and two additions."""
 
     def __init__(self, config: ModelConfig, embed, layers, final_norm, lm_head=None, tokenizer=None):
-        self.config, self.embed, self.layers, self.final_norm = config, embed, layers, final_norm
+        self.config, self.embed, self.final_norm = config, embed, final_norm
+        self.layers = [_fused(w) for w in layers]
         self.lm_head = None if config.tie_word_embeddings else lm_head
         self.tokenizer = tokenizer
+
+    def _cast(self, dtype):
+        super()._cast(dtype)
+        self.layers = [_fused(w, refuse=True) for w in self.layers]
 
     def output_embeddings(self):
         return self.embed if self.lm_head is None else self.lm_head
@@ -30,41 +40,66 @@ class Llama(Transformer):
 
     def block_forward(self, i, h, ctx):
         c, w = self.config, self.layers[i]
-        B, L, _ = h.shape
+        B, L, C = h.shape
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ctx.extra["rope"]
-        x, n1 = nn.rmsnorm(h, w["attn_norm"], c.norm_eps)
-        q = nn.rope(nn.linear(x, w["q"], w.get("q_bias")).reshape(B, L, c.num_heads, c.head_dim), cos, sin)
-        k = nn.rope(nn.linear(x, w["k"], w.get("k_bias")).reshape(B, L, c.num_kv_heads, c.head_dim), cos, sin)
-        v = nn.linear(x, w["v"], w.get("v_bias")).reshape(B, L, c.num_kv_heads, c.head_dim)
-        att, lse = self.attention(i, q, k, v, ctx)
-        h = h + nn.linear(att.reshape(B, L, -1), w["o"])
-        x2, n2 = nn.rmsnorm(h, w["mlp_norm"], c.norm_eps)
-        a, act = nn.swiglu(nn.linear(x2, w["gate"]), nn.linear(x2, w["up"]))
-        h = h + nn.linear(a, w["down"])
-        return h, (n1, x, q, k, v, att, lse, n2, x2, act)
+        h = h.reshape(B * L, C)  # every row-wise layer works on [N = B*L, C]
+        x, rstd1 = nn.rmsnorm(h, w["attn_norm"], c.norm_eps)
+        q, k, v = nn.rope_split(nn.linear(x, w["qkv"], w.get("qkv_bias")), cos, sin, H, Hkv, D)
+        att, lse = self.attention(i, q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D), ctx)
+        h_mid = nn.linear(att.reshape(B * L, H * D), w["o"])
+        h_mid += h
+        x2, rstd2 = nn.rmsnorm(h_mid, w["mlp_norm"], c.norm_eps)
+        gate_up = nn.linear(x2, w["gate_up"])  # [N, 2F]
+        out = nn.linear(nn.swiglu(gate_up), w["down"])
+        out += h_mid
+        # The cache holds what the backward reads and nothing it can rebuild cheaply: the normed
+        # inputs x, x2 and the SwiGLU output are not kept.
+        return out.reshape(B, L, C), (h, rstd1, q, k, v, att, lse, h_mid, rstd2, gate_up)
 
     def block_backward(self, i, dh, cache, ctx):
         c, w = self.config, self.layers[i]
-        n1, x, q, k, v, att, lse, n2, x2, act = cache
-        B, L, _ = dh.shape
+        h, rstd1, q, k, v, att, lse, h_mid, rstd2, gate_up = cache
+        B, L, C = dh.shape
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ctx.extra["rope"]
+        dh = dh.reshape(B * L, C)
         # MLP (residual: dh flows through unchanged and gets the branch's gradient added)
-        dgate, dup = nn.swiglu_backward(nn.linear_backward(dh, w["down"]), act)
-        dx2 = nn.linear_backward(dgate, w["gate"]) + nn.linear_backward(dup, w["up"])
-        dh = dh + nn.rmsnorm_backward(dx2, n2, w["mlp_norm"])
+        dgate_up = nn.swiglu_backward(nn.linear_backward(dh, w["down"]), gate_up)
+        dh_mid = nn.rmsnorm_backward(nn.linear_backward(dgate_up, w["gate_up"]), h_mid, rstd2, w["mlp_norm"],
+                                     residual=dh)
         # attention
-        datt = nn.linear_backward(dh, w["o"]).reshape(B, L, c.num_heads, c.head_dim)
-        dq, dk, dv, dpk, dpv = self.attention_backward(i, datt, q, k, v, att, lse, ctx)
-        dq, dk = nn.rope_backward(dq, cos, sin), nn.rope_backward(dk, cos, sin)
-        dx = (
-            nn.linear_backward(dq.reshape(B, L, -1), w["q"])
-            + nn.linear_backward(dk.reshape(B, L, -1), w["k"])
-            + nn.linear_backward(dv.reshape(B, L, -1), w["v"])
-        )
-        return dh + nn.rmsnorm_backward(dx, n1, w["attn_norm"]), dpk, dpv
+        datt = nn.linear_backward(dh_mid, w["o"]).reshape(B, L, H, D)
+        dq, dk, dv, dpk, dpv = self.attention_backward(
+            i, datt, q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D), att, lse, ctx)
+        dqkv = nn.rope_merge(dq.reshape(B * L, H, D), dk.reshape(B * L, Hkv, D), dv.reshape(B * L, Hkv, D), cos, sin)
+        dx = nn.linear_backward(dqkv, w["qkv"])
+        return nn.rmsnorm_backward(dx, h, rstd1, w["attn_norm"], residual=dh_mid).reshape(B, L, C), dpk, dpv
 
     def final_forward(self, h):
-        return nn.rmsnorm(h, self.final_norm, self.config.norm_eps)
+        B, L, C = h.shape
+        y, rstd = nn.rmsnorm(h.reshape(B * L, C), self.final_norm, self.config.norm_eps)
+        return y.reshape(B, L, C), (h, rstd)
 
     def final_backward(self, dh, cache):
-        return nn.rmsnorm_backward(dh, cache, self.final_norm)
+        h, rstd = cache
+        B, L, C = h.shape
+        return nn.rmsnorm_backward(dh.reshape(B * L, C), h.reshape(B * L, C), rstd, self.final_norm).reshape(B, L, C)
+
+
+def _fused(w, refuse=False):
+    """A layer's weights with q/k/v (and biases) stacked into "qkv" and gate/up into "gate_up",
+    the separate names kept as row views. refuse: rebuild after a cast broke the views apart."""
+    w = dict(w)
+    for fused, parts in (("qkv", ("q", "k", "v")), ("qkv_bias", ("q_bias", "k_bias", "v_bias")),
+                         ("gate_up", ("gate", "up"))):
+        if not all(p in w for p in parts) or (fused in w and not refuse):
+            continue
+        stacked = np.ascontiguousarray(np.concatenate([w[p] for p in parts], axis=0))
+        w[fused] = stacked
+        start = 0
+        for p in parts:
+            n = w[p].shape[0]
+            w[p] = stacked[start:start + n]
+            start += n
+    return w
