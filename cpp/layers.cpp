@@ -26,6 +26,12 @@ void exp_row(int64_t n, const T* x, T* y) {
   for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
+// sigmoid(x) from e = exp(-|x|), exact in both tails.
+template <typename T>
+inline T sigmoid(T x, T e) {
+  return (x >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
 // One thread-private scratch row, reused across calls.
 template <typename T>
 T* scratch(int64_t n) {
@@ -86,10 +92,10 @@ void swiglu_forward(int64_t N, int64_t F, const T* gu, T* a) {
     const T *g = gu + n * 2 * F, *u = g + F;
     T* ar = a + n * F;
 #pragma omp simd
-    for (int64_t f = 0; f < F; ++f) ar[f] = -g[f];
-    exp_row(F, ar, ar);  // exp(-g)
+    for (int64_t f = 0; f < F; ++f) ar[f] = -std::abs(g[f]);
+    exp_row(F, ar, ar);  // e = exp(-|g|) never overflows
 #pragma omp simd
-    for (int64_t f = 0; f < F; ++f) ar[f] = g[f] / (T(1) + ar[f]) * u[f];  // g * sigmoid(g) * u
+    for (int64_t f = 0; f < F; ++f) ar[f] = g[f] * sigmoid(g[f], ar[f]) * u[f];
   }
 }
 
@@ -102,11 +108,11 @@ void swiglu_backward(int64_t N, int64_t F, const T* da, const T* gu, T* dgu) {
     const T *g = gu + n * 2 * F, *u = g + F, *d = da + n * F;
     T *dg = dgu + n * 2 * F, *du = dg + F;
 #pragma omp simd
-    for (int64_t f = 0; f < F; ++f) dg[f] = -g[f];
+    for (int64_t f = 0; f < F; ++f) dg[f] = -std::abs(g[f]);
     exp_row(F, dg, dg);
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const T sig = T(1) / (T(1) + dg[f]);
+      const T sig = sigmoid(g[f], dg[f]);
       du[f] = d[f] * g[f] * sig;
       dg[f] = d[f] * u[f] * sig * (T(1) + g[f] * (T(1) - sig));
     }

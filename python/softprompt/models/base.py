@@ -86,6 +86,11 @@ class Transformer:
 
     embed: np.ndarray  # token embeddings [V, C]
 
+    # Prompt tuning of a causal model: the P prompt rows attend only to themselves, so they are the
+    # same for every example. They run once (batch 1) and their per-layer keys/values serve the
+    # batch as a prefix: B*T + P rows instead of B*(P+T), the same result. False: the plain way.
+    share_prompt_rows = True
+
     # -- per architecture ---------------------------------------------------------------
 
     def embed_forward(self, x, ctx):  # x [B, L, C] token (+ prompt) embeddings -> h, cache
@@ -151,6 +156,9 @@ class Transformer:
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        record = ctx.extra.get("record_kv")
+        if record is not None:  # the shared prompt stream hands its keys/values to the batch
+            record[i] = (k, v)
         cache = ctx.extra.get("kv_cache")
         if cache is not None:
             if i in cache:
@@ -161,9 +169,14 @@ class Transformer:
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        return ops.prefix_attention_backward(
+        dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(
             dout, q, k, v, pk, pv, out, lse, causal=self.config.causal, key_padding_mask=ctx.key_mask
         )
+        extra = ctx.extra.get("dkv_from_batch", {}).pop(i, None)
+        if extra is not None:  # the shared prompt stream: its keys/values also served the batch
+            dk += extra[0]
+            dv += extra[1]
+        return dq, dk, dv, dpk, dpv
 
     def _layer_prefix(self, i, ctx, dtype):
         c = self.config
@@ -189,7 +202,10 @@ class Transformer:
             x = inputs_embeds
             ids = None
         B, T = x.shape[:2]
-        kind, P, x, ctx = self.inject(adapter, x, _as_mask(attention_mask, (B, T)))
+        mask = _as_mask(attention_mask, (B, T))
+        if self.share_prompt_rows and self.config.causal and token_type_ids is None and _is_prompt(adapter):
+            return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual)
+        kind, P, x, ctx = self.inject(adapter, x, mask)
         if token_type_ids is not None:
             types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
             if kind == "prompt":
@@ -202,6 +218,53 @@ class Transformer:
             return h
         return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
                    "length": x.shape[1]}
+
+    def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual):
+        """forward for prompt tuning of a causal model (see share_prompt_rows)."""
+        kind, P, prompt, _ = _adapter_parts(adapter, self, x.dtype)
+        B, T, _ = x.shape
+        c = self.config
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + P  # input tokens follow the prompt
+        prefix = np.empty((c.num_layers, 2, P, c.num_kv_heads, c.head_dim), dtype=x.dtype)
+        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
+        ctx_p = Context(positions=np.arange(P)[None], key_mask=None, prefix=None, extra={"record_kv": {}})
+        self.prepare(ctx, x.dtype)
+        self.prepare(ctx_p, x.dtype)
+        hp, embed_cache_p = self.embed_forward(prompt[None], ctx_p)  # [1, P, C]
+        h, embed_cache = self.embed_forward(x, ctx)
+        caches, caches_p = [], []
+        for i in range(c.num_layers):
+            hp, cache_p = self.block_forward(i, hp, ctx_p)
+            k, v = ctx_p.extra["record_kv"].pop(i)  # [1, P, Hkv, D], as the layer's attention saw them
+            prefix[i, 0], prefix[i, 1] = k[0], v[0]
+            h, cache = self.block_forward(i, h, ctx)
+            caches.append(cache if keep_cache else None)
+            caches_p.append(cache_p if keep_cache else None)
+        h, final_cache = self.final_forward(h)
+        final_cache_p = None
+        if keep_virtual:
+            hp, final_cache_p = self.final_forward(hp)
+            h = np.concatenate([np.broadcast_to(hp, (B, P, hp.shape[2])), h], axis=1)
+        if not keep_cache:
+            return h
+        return h, {"shared_prompt": True, "ctx": ctx, "ctx_p": ctx_p, "P": P, "embed": embed_cache,
+                   "embed_p": embed_cache_p, "blocks": caches, "blocks_p": caches_p, "final": final_cache,
+                   "final_p": final_cache_p}
+
+    def _backward_shared_prompt(self, dhidden, cache):
+        ctx, ctx_p, P = cache["ctx"], cache["ctx_p"], cache["P"]
+        if cache["final_p"] is not None:  # keep_virtual: the prompt rows' gradient, summed over the batch
+            dhp = self.final_backward(dhidden[:, :P].sum(axis=0, keepdims=True), cache["final_p"])
+            dhidden = dhidden[:, P:]
+        else:
+            dhp = np.zeros((1, P, dhidden.shape[2]), dtype=dhidden.dtype)
+        dh = self.final_backward(np.ascontiguousarray(dhidden), cache["final"])
+        for i in reversed(range(self.config.num_layers)):
+            dh, dpk, dpv = self.block_backward(i, dh, cache["blocks"][i], ctx)
+            ctx_p.extra["dkv_from_batch"] = {i: (dpk[None], dpv[None])}
+            dhp, _, _ = self.block_backward(i, dhp, cache["blocks_p"][i], ctx_p)
+        return {"prompt": self.embed_backward(dhp, cache["embed_p"], ctx_p)[0],
+                "inputs_embeds": self.embed_backward(dh, cache["embed"], ctx)}
 
     def inject(self, adapter, x, mask):
         """Applies the adapter to token embeddings x [B, T, C] with mask [B, T] (True = real).
@@ -237,6 +300,8 @@ class Transformer:
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
         [num_layers, 2, P, Hkv, D] (summed over the batch). The frozen weights get no gradient.
         """
+        if cache.get("shared_prompt"):
+            return self._backward_shared_prompt(dhidden, cache)
         ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
         if kind == "prompt" and dhidden.shape[1] != cache["length"]:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
@@ -287,6 +352,10 @@ class Transformer:
         for name, value in list(self.__dict__.items()):
             if name not in ("config", "tokenizer"):
                 self.__dict__[name] = cast(value)
+
+
+def _is_prompt(adapter):
+    return adapter is not None and getattr(adapter, "kind", None) == "prompt"
 
 
 def _adapter_parts(adapter, model, dtype):

@@ -109,12 +109,17 @@ def gelu_erf_backward(dy, cache):
     return dy * (cdf + x * pdf)
 
 
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def swiglu(gate_up):
     """silu(gate) * up, the Llama MLP's gate.  gate_up [N, 2F] = [gate | up] -> [N, F]."""
     if _cpp():
         return _core.swiglu_forward(gate_up)
     gate, up = np.split(gate_up, 2, axis=-1)
-    return gate / (1.0 + np.exp(-gate)) * up
+    return gate * _sigmoid(gate) * up
 
 
 def swiglu_backward(da, gate_up):
@@ -123,7 +128,7 @@ def swiglu_backward(da, gate_up):
         return _core.swiglu_backward(da, gate_up)
     # d silu(g)/dg = sig * (1 + g * (1 - sig))
     gate, up = np.split(gate_up, 2, axis=-1)
-    sig = 1.0 / (1.0 + np.exp(-gate))
+    sig = _sigmoid(gate)
     return np.concatenate([da * up * sig * (1.0 + gate * (1.0 - sig)), da * gate * sig], axis=-1)
 
 

@@ -1,0 +1,194 @@
+"""The fused C++ layer kernels (cpp/layers.cpp) against their NumPy twins, and the model-level
+fast paths against the plain ones: the NumPy backend, stacked weights, and the shared prompt rows
+of prompt tuning. Runs without torch: the model here is a tiny random Llama built from arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from softprompt import PrefixTuning, PromptTuning, _core, heads, ops
+from softprompt.models import layers as nn
+from softprompt.models.base import ModelConfig
+from softprompt.models.llama import Llama
+
+DTYPES = [np.float32, np.float64]
+
+
+def _tol(dtype):
+    return dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+
+
+def _both(fn, *args, **kw):
+    """fn on the C++ core and on the NumPy twin."""
+    with ops.use_backend("cpp"):
+        fast = fn(*args, **kw)
+    with ops.use_backend("numpy"):
+        ref = fn(*args, **kw)
+    return fast, ref
+
+
+def _close(a, b, dtype):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        assert x.dtype == y.dtype == dtype and x.shape == y.shape
+        np.testing.assert_allclose(x, y, **_tol(dtype))
+
+
+# --------------------------------------------------------------------------- kernels vs twins
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C", [(1, 1), (5, 17), (33, 576)])
+def test_rmsnorm_matches_numpy(dtype, N, C, rng):
+    x = rng.standard_normal((N, C)).astype(dtype)
+    w = rng.standard_normal(C).astype(dtype)
+    dy, res = rng.standard_normal((2, N, C)).astype(dtype)
+    fast, ref = _both(nn.rmsnorm, x, w, 1e-5)
+    _close(fast, ref, dtype)
+    for residual in (None, res):
+        _close(*_both(nn.rmsnorm_backward, dy, x, ref[1], w, residual), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,F", [(1, 1), (7, 19), (40, 1536)])
+def test_swiglu_matches_numpy(dtype, N, F, rng):
+    gu = (3 * rng.standard_normal((N, 2 * F))).astype(dtype)
+    gu[0, 0] = -100.0  # far tails: sigmoid 0 and 1 without overflow warnings or NaN
+    gu[-1, F - 1] = 100.0
+    da = rng.standard_normal((N, F)).astype(dtype)
+    _close(*_both(nn.swiglu, gu), dtype)
+    _close(*_both(nn.swiglu_backward, da, gu), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,Hkv,D", [(1, 1, 2), (9, 3, 64), (4, 2, 6)])
+def test_rope_split_and_merge_match_numpy(dtype, H, Hkv, D, rng):
+    N = 11
+    qkv = rng.standard_normal((N, (H + 2 * Hkv) * D)).astype(dtype)
+    cos, sin = nn.rope_tables(rng.integers(0, 50, (1, N)), D, 10000.0, dtype)
+    fast, ref = _both(nn.rope_split, qkv, cos, sin, H, Hkv, D)
+    _close(fast, ref, dtype)
+    dq, dk, dv = (rng.standard_normal(a.shape).astype(dtype) for a in ref)
+    back, back_ref = _both(nn.rope_merge, dq, dk, dv, cos, sin)
+    _close(back, back_ref, dtype)
+    # a rotation: merge(split(x)) = x
+    np.testing.assert_allclose(nn.rope_merge(*fast, cos, sin), qkv, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(1, 3), (6, 1000), (3, 49152)])
+def test_softmax_cross_entropy_matches_numpy(dtype, N, V, rng):
+    logits = (4 * rng.standard_normal((N, V))).astype(dtype)
+    labels = rng.integers(0, V, N)
+    fast, ref = logits.copy(), logits.copy()
+    with ops.use_backend("cpp"):
+        loss_fast = heads.softmax_cross_entropy(fast, labels, 0.25)
+    with ops.use_backend("numpy"):
+        loss_ref = heads.softmax_cross_entropy(ref, labels, 0.25)
+    np.testing.assert_allclose(loss_fast, loss_ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(fast, ref, **_tol(dtype))
+    np.testing.assert_allclose(fast.sum(1), 0, atol=1e-6)  # softmax - onehot sums to 0
+
+
+def test_kernels_reject_bad_shapes():
+    x = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\), got \(7,\)"):
+        _core.rmsnorm_forward(x, np.zeros(7, np.float32), 1e-5)
+    with pytest.raises(ValueError, match=r"gate_up: expected an even width"):
+        _core.swiglu_forward(np.zeros((4, 7), np.float32))
+    with pytest.raises(ValueError, match=r"qkv: expected shape \(4, 48\)"):
+        _core.rope_split(x, np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32), 4, 1, 8)
+    with pytest.raises(ValueError, match=r"labels: expected values in \[0, 8\), got 8"):
+        _core.softmax_cross_entropy(x, np.array([0, 1, 2, 8]), 1.0)
+    with pytest.raises(TypeError):  # no silent casts
+        _core.rmsnorm_forward(x.astype(np.float64), np.zeros(8, np.float32), 1e-5)
+
+
+def test_lm_loss_chunks_agree(monkeypatch, rng):
+    model = _tiny_llama(rng)
+    hidden = rng.standard_normal((3, 7, model.config.hidden_size)).astype(np.float32)
+    targets = rng.integers(0, model.config.vocab_size, (3, 7))
+    mask = rng.random((3, 7)) < 0.7
+    whole = heads.lm_loss(model, hidden, targets, mask)
+    monkeypatch.setattr(heads, "LOGITS_CHUNK_BYTES", 3 * model.config.vocab_size * 4)  # 3 rows a chunk
+    chunked = heads.lm_loss(model, hidden, targets, mask)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)  # BLAS may round differently per chunk
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="targets: expected token ids"):
+        heads.lm_loss(model, hidden, np.full((3, 7), model.config.vocab_size), mask)
+
+
+# --------------------------------------------------------------------------- model-level paths
+def _tiny_llama(rng, dtype=np.float32, bias=False):
+    c = ModelConfig(arch="llama", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
+                    vocab_size=50, intermediate_size=48, norm_eps=1e-5, attention_bias=bias, model_type="llama")
+    r = lambda *s: (0.3 * rng.standard_normal(s)).astype(dtype)  # noqa: E731
+    layers = []
+    for _ in range(c.num_layers):
+        w = {"attn_norm": 1 + r(32), "q": r(32, 32), "k": r(16, 32), "v": r(16, 32), "o": r(32, 32),
+             "mlp_norm": 1 + r(32), "gate": r(48, 32), "up": r(48, 32), "down": r(32, 48)}
+        if bias:
+            w.update(q_bias=r(32), k_bias=r(16), v_bias=r(16))
+        layers.append(w)
+    return Llama(c, r(50, 32), layers, 1 + r(32))
+
+
+def test_stacked_weights_are_views_not_copies(rng):
+    model = _tiny_llama(rng, bias=True)
+    for w in model.layers:
+        for part in ("q", "k", "v"):
+            assert w[part].base is w["qkv"]
+        for part in ("q_bias", "k_bias", "v_bias"):
+            assert w[part].base is w["qkv_bias"]
+        assert w["gate"].base is w["gate_up"] and w["up"].base is w["gate_up"]
+    # counted once: embed + per layer (2 norms + q,k,v,o + biases + gate,up,down) + final norm
+    per_layer = 2 * 32 + 32 * 32 + 2 * 16 * 32 + 32 * 32 + 32 + 2 * 16 + 3 * 48 * 32
+    assert model.num_parameters() == 50 * 32 + 3 * per_layer + 32
+    m64 = model.astype(np.float64)
+    assert m64.layers[0]["q"].base is m64.layers[0]["qkv"] and m64.layers[0]["qkv"].dtype == np.float64
+
+
+def _step(model, adapter, ids, mask, w):
+    hidden, cache = model.forward(ids, mask, adapter=adapter, keep_cache=True)
+    return hidden, model.backward(w, cache)
+
+
+@pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
+def test_cpp_and_numpy_backends_agree_through_the_model(kind, rng):
+    model = _tiny_llama(rng, np.float64, bias=True)
+    adapter = {None: None, "prompt": PromptTuning(rng.standard_normal((3, 32))),
+               "prefix": PrefixTuning(rng.standard_normal((3, 2, 3, 2, 8)))}[kind]
+    if adapter is not None:
+        adapter.__dict__[kind] = adapter.__dict__[kind].astype(np.float64)
+    ids = rng.integers(0, 50, (2, 6))
+    mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], bool)
+    w = rng.standard_normal((2, 6, 32))
+    fast, ref = _both(_step, model, adapter, ids, mask, w)
+    np.testing.assert_allclose(fast[0], ref[0], rtol=1e-11, atol=1e-12)
+    for name in ref[1]:
+        np.testing.assert_allclose(fast[1][name], ref[1][name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_shared_prompt_rows_equal_the_plain_prompt(padding, rng, monkeypatch):
+    """The prompt's rows computed once for the batch give what prepending them to every row gives:
+    hidden states (also the prompt's own, keep_virtual) and the prompt's gradient."""
+    model = _tiny_llama(rng, np.float64, bias=True)
+    adapter = PromptTuning(rng.standard_normal((4, 32)))
+    adapter.prompt = adapter.prompt.astype(np.float64)
+    ids = rng.integers(0, 50, (3, 7))
+    mask = np.ones((3, 7), bool)
+    if padding == "left":
+        mask[1, :3] = mask[2, :6] = False
+    elif padding == "right":
+        mask[1, 4:] = mask[2, 1:] = False
+    for keep_virtual, T in ((False, 7), (True, 11)):
+        w = rng.standard_normal((3, T, 32))
+        results = []
+        for shared in (True, False):
+            monkeypatch.setattr(Llama, "share_prompt_rows", shared)
+            hidden, cache = model.forward(ids, mask, adapter=adapter, keep_cache=True, keep_virtual=keep_virtual)
+            results.append((hidden, model.backward(w, cache), bool(cache.get("shared_prompt"))))
+        (h1, g1, took_shared), (h2, g2, took_plain) = results
+        assert took_shared and not took_plain and h1.shape == h2.shape == (3, T, 32)
+        np.testing.assert_allclose(h1, h2, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(g1["prompt"], g2["prompt"], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g1["inputs_embeds"], g2["inputs_embeds"], rtol=1e-10, atol=1e-12)
