@@ -156,9 +156,9 @@ class Transformer:
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        record = ctx.extra.get("record_kv")
-        if record is not None:  # the shared prompt stream hands its keys/values to the batch
-            record[i] = (k, v)
+        packed = ctx.extra.get("packed_prompt")
+        if packed is not None:
+            return self._packed_attention(q, k, v, packed)
         cache = ctx.extra.get("kv_cache")
         if cache is not None:
             if i in cache:
@@ -168,15 +168,42 @@ class Transformer:
         return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask)
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
+        packed = ctx.extra.get("packed_prompt")
+        if packed is not None:
+            return self._packed_attention_backward(dout, q, k, v, out, lse, packed)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(
+        return ops.prefix_attention_backward(
             dout, q, k, v, pk, pv, out, lse, causal=self.config.causal, key_padding_mask=ctx.key_mask
         )
-        extra = ctx.extra.get("dkv_from_batch", {}).pop(i, None)
-        if extra is not None:  # the shared prompt stream: its keys/values also served the batch
-            dk += extra[0]
-            dv += extra[1]
-        return dq, dk, dv, dpk, dpv
+
+    # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
+    # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
+    # prefix, which is exactly what it sees when the prompt is prepended to every row.
+    @staticmethod
+    def _unpack(a, P, B, T):
+        return a[:, :P], a[0, P:].reshape(B, T, *a.shape[2:])
+
+    def _packed_attention(self, q, k, v, packed):
+        P, B, T, mask = packed
+        (qp, qb), (kp, kb), (vp, vb) = (self._unpack(a, P, B, T) for a in (q, k, v))
+        empty = kp[0, :0]
+        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True)
+        out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True, key_padding_mask=mask)
+        out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
+        return out, (lse_p, lse_b)
+
+    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed):
+        P, B, T, mask = packed
+        (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
+        empty = kp[0, :0]
+        dq_b, dk_b, dv_b, dpk, dpv = ops.prefix_attention_backward(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], causal=True,
+                                                                   key_padding_mask=mask)
+        dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True)
+        dk_p[0] += dpk  # the prompt's keys and values also served every row of the batch
+        dv_p[0] += dpv
+        join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
+        empty_grad = np.zeros_like(empty)
+        return join(dq_p, dq_b), join(dk_p, dk_b), join(dv_p, dv_b), empty_grad, empty_grad
 
     def _layer_prefix(self, i, ctx, dtype):
         c = self.config
@@ -220,51 +247,38 @@ class Transformer:
                    "length": x.shape[1]}
 
     def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual):
-        """forward for prompt tuning of a causal model (see share_prompt_rows)."""
-        kind, P, prompt, _ = _adapter_parts(adapter, self, x.dtype)
-        B, T, _ = x.shape
-        c = self.config
+        """forward for prompt tuning of a causal model (see share_prompt_rows): the prompt's rows and
+        the batch's rows packed as one sequence [1, P + B*T, C], so every row-wise layer (norms,
+        projections, MLP) runs once over all of them; only attention tells them apart."""
+        _, P, prompt, _ = _adapter_parts(adapter, self, x.dtype)
+        B, T, C = x.shape
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + P  # input tokens follow the prompt
-        prefix = np.empty((c.num_layers, 2, P, c.num_kv_heads, c.head_dim), dtype=x.dtype)
-        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix)
-        ctx_p = Context(positions=np.arange(P)[None], key_mask=None, prefix=None, extra={"record_kv": {}})
-        self.prepare(ctx, x.dtype)
-        self.prepare(ctx_p, x.dtype)
-        hp, embed_cache_p = self.embed_forward(prompt[None], ctx_p)  # [1, P, C]
-        h, embed_cache = self.embed_forward(x, ctx)
-        caches, caches_p = [], []
-        for i in range(c.num_layers):
-            hp, cache_p = self.block_forward(i, hp, ctx_p)
-            k, v = ctx_p.extra["record_kv"].pop(i)  # [1, P, Hkv, D], as the layer's attention saw them
-            prefix[i, 0], prefix[i, 1] = k[0], v[0]
-            h, cache = self.block_forward(i, h, ctx)
-            caches.append(cache if keep_cache else None)
-            caches_p.append(cache_p if keep_cache else None)
-        h, final_cache = self.final_forward(h)
-        final_cache_p = None
+        rows = np.concatenate([prompt, x.reshape(B * T, C)])[None]
+        ctx = Context(positions=np.concatenate([np.arange(P), pos.reshape(-1)])[None], key_mask=None, prefix=None,
+                      extra={"packed_prompt": (P, B, T, None if mask.all() else mask)})
+        h, embed_cache, caches, final_cache = self.run(rows, ctx, keep_cache)
+        out = h[0, P:].reshape(B, T, C)
         if keep_virtual:
-            hp, final_cache_p = self.final_forward(hp)
-            h = np.concatenate([np.broadcast_to(hp, (B, P, hp.shape[2])), h], axis=1)
+            out = np.concatenate([np.broadcast_to(h[:, :P], (B, P, C)), out], axis=1)
         if not keep_cache:
-            return h
-        return h, {"shared_prompt": True, "ctx": ctx, "ctx_p": ctx_p, "P": P, "embed": embed_cache,
-                   "embed_p": embed_cache_p, "blocks": caches, "blocks_p": caches_p, "final": final_cache,
-                   "final_p": final_cache_p}
+            return out
+        return out, {"shared_prompt": True, "ctx": ctx, "P": P, "embed": embed_cache, "blocks": caches,
+                     "final": final_cache}
 
     def _backward_shared_prompt(self, dhidden, cache):
-        ctx, ctx_p, P = cache["ctx"], cache["ctx_p"], cache["P"]
-        if cache["final_p"] is not None:  # keep_virtual: the prompt rows' gradient, summed over the batch
-            dhp = self.final_backward(dhidden[:, :P].sum(axis=0, keepdims=True), cache["final_p"])
+        ctx, P = cache["ctx"], cache["P"]
+        _, B, T, _ = ctx.extra["packed_prompt"]
+        C = dhidden.shape[2]
+        dh = np.zeros((1, P + B * T, C), dtype=dhidden.dtype)
+        if dhidden.shape[1] == P + T:  # keep_virtual: the prompt rows' gradient, summed over the batch
+            dh[0, :P] = dhidden[:, :P].sum(axis=0)
             dhidden = dhidden[:, P:]
-        else:
-            dhp = np.zeros((1, P, dhidden.shape[2]), dtype=dhidden.dtype)
-        dh = self.final_backward(np.ascontiguousarray(dhidden), cache["final"])
+        dh[0, P:] = dhidden.reshape(B * T, C)
+        dh = self.final_backward(dh, cache["final"])
         for i in reversed(range(self.config.num_layers)):
-            dh, dpk, dpv = self.block_backward(i, dh, cache["blocks"][i], ctx)
-            ctx_p.extra["dkv_from_batch"] = {i: (dpk[None], dpv[None])}
-            dhp, _, _ = self.block_backward(i, dhp, cache["blocks_p"][i], ctx_p)
-        return {"prompt": self.embed_backward(dhp, cache["embed_p"], ctx_p)[0],
-                "inputs_embeds": self.embed_backward(dh, cache["embed"], ctx)}
+            dh, _, _ = self.block_backward(i, dh, cache["blocks"][i], ctx)
+        dx = self.embed_backward(dh, cache["embed"], ctx)
+        return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
 
     def inject(self, adapter, x, mask):
         """Applies the adapter to token embeddings x [B, T, C] with mask [B, T] (True = real).
