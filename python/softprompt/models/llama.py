@@ -23,13 +23,13 @@ class Llama(Transformer):
 
     def __init__(self, config: ModelConfig, embed, layers, final_norm, lm_head=None, tokenizer=None):
         self.config, self.embed, self.final_norm = config, embed, final_norm
-        self.layers = [_fused(w) for w in layers]
+        self.layers = [_fuse(w) for w in layers]
         self.lm_head = None if config.tie_word_embeddings else lm_head
         self.tokenizer = tokenizer
 
     def _cast(self, dtype):
         super()._cast(dtype)
-        self.layers = [_fused(w, refuse=True) for w in self.layers]
+        self.layers = [_fuse(dict(w), refuse=True) for w in self.layers]
 
     def output_embeddings(self):
         return self.embed if self.lm_head is None else self.lm_head
@@ -87,10 +87,10 @@ class Llama(Transformer):
         return nn.rmsnorm_backward(dh.reshape(B * L, C), h.reshape(B * L, C), rstd, self.final_norm).reshape(B, L, C)
 
 
-def _fused(w, refuse=False):
-    """A layer's weights with q/k/v (and biases) stacked into "qkv" and gate/up into "gate_up",
-    the separate names kept as row views. refuse: rebuild after a cast broke the views apart."""
-    w = dict(w)
+def _fuse(w, refuse=False):
+    """Stacks a layer's q/k/v (and biases) into "qkv" and gate/up into "gate_up", in place, the
+    separate names kept as row views; each original is dropped as soon as it is copied, so loading
+    never holds two copies of the model. refuse: rebuild after a cast broke the views apart."""
     for fused, parts in (("qkv", ("q", "k", "v")), ("qkv_bias", ("q_bias", "k_bias", "v_bias")),
                          ("gate_up", ("gate", "up"))):
         if not all(p in w for p in parts) or (fused in w and not refuse):

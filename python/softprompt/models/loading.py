@@ -257,7 +257,9 @@ def _load_gguf(path: Path, dtype):
                 return None
             raise KeyError(f"{path}: missing tensor {name!r}")
         a = gguf.quants.dequantize(t.data, t.tensor_type)
-        return np.ascontiguousarray(a.reshape(tuple(int(n) for n in reversed(t.shape))), dtype=dtype)
+        # A copy, always: a float32 tensor comes back as a view of the memory-mapped file, and one
+        # such view would keep the whole file mapped (~100 MB of resident pages for SmolLM2).
+        return np.array(a.reshape(tuple(int(n) for n in reversed(t.shape))), dtype=dtype, order="C", copy=True)
 
     heads = int(_gguf_field(reader, "llama.attention.head_count"))
     kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
