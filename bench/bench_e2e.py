@@ -1,6 +1,6 @@
 """End-to-end: one tuning step of SmolLM2-135M, softprompt vs PyTorch + PEFT, on the same GGUF file.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_e2e.py [--threads 2] [--steps 6]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_e2e.py [--threads 2] [--steps 6] [--repeats 2]
 
 (unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in this command only: they slow NumPy's BLAS here.)
 Every (side, method, loss) runs in its own subprocess, so each peak RSS is that side's alone.
@@ -176,6 +176,13 @@ def spawn(side, method, loss, args, adapter_dir):
     return json.loads(lines[-1][7:])
 
 
+def pool(results):
+    """One side's repeated runs as one: all timed steps, the largest peak RSS, the first loss."""
+    return {"loss0": results[0]["loss0"], "step_s": [t for r in results for t in r["step_s"]],
+            "eval_s": [t for r in results for t in r["eval_s"]], "rss_model_mb": max(r["rss_model_mb"] for r in results),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+
+
 def have_peft():
     import importlib.util
 
@@ -194,6 +201,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="processes per side, alternating; steps pooled")
     ap.add_argument("--methods", default="prompt,prefix")
     ap.add_argument("--losses", default="lm,label")
     ap.add_argument("--no-peft", action="store_true", help="softprompt only")
@@ -211,15 +219,24 @@ def main():
 
     peft = have_peft() and not args.no_peft
     rows = []
-    print(f"SmolLM2-135M, batch {BATCH} x {LENGTH}, P = {P}, {args.threads} threads, median of {args.steps} steps")
+    print(f"SmolLM2-135M, batch {BATCH} x {LENGTH}, P = {P}, {args.threads} threads, median of {args.repeats} x "
+          f"{args.steps} steps")
     head = f"{'method':7} {'loss':6} {'side':9} {'s/step':>7} {'tok/s':>7} {'eval tok/s':>10} {'peak RSS':>9} {'loss0':>9}"
     print(head)
     for method in args.methods.split(","):
         for loss in args.losses.split(","):
+            # The sides alternate (ours, PEFT, ours, PEFT, ...) and their steps are pooled, so a slow
+            # minute of a shared machine does not land on one side only.
+            runs = {"ours": [], "peft": []}
             with tempfile.TemporaryDirectory() as tmp:
-                row = {"method": method, "loss": loss, "ours": summarize(spawn("ours", method, loss, args, tmp))}
-                if peft:
-                    row["peft"] = summarize(spawn("peft", method, loss, args, tmp))
+                for _ in range(args.repeats):
+                    runs["ours"].append(spawn("ours", method, loss, args, tmp))
+                    if peft:
+                        runs["peft"].append(spawn("peft", method, loss, args, tmp))
+            row = {"method": method, "loss": loss}
+            for side, results in runs.items():
+                if results:
+                    row[side] = summarize(pool(results))
             for side in ("ours", "peft"):
                 if side in row:
                     s = row[side]
@@ -235,7 +252,7 @@ def main():
                       f"throughput {r['eval_throughput']:.2f}x, |loss0 diff| {r['loss0_diff']:.1e}")
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": machine(), "threads": args.threads, "batch": [BATCH, LENGTH], "P": P, "rows": rows,
+    out = {"machine": machine(), "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "batch": [BATCH, LENGTH], "P": P, "rows": rows,
            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
     tmp = RESULTS / "e2e.json.tmp"
     tmp.write_text(json.dumps(out, indent=2))

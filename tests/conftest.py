@@ -1,6 +1,9 @@
-"""Shared helpers: random attention problems and tolerances."""
+"""Shared helpers: random attention problems, tolerances, and a tiny learnable training task."""
 
 from __future__ import annotations
+
+import json
+import warnings
 
 import numpy as np
 import pytest
@@ -62,3 +65,49 @@ def kernel(request):
     _core.set_attention_kernel(request.param)
     yield request.param
     _core.set_attention_kernel(previous)
+
+
+# --------------------------------------------------------------------------- a tiny training task
+WORDS = [f"w{i}" for i in range(20)]
+VOCAB = ["[PAD]", "[UNK]", "Review", ":", "Sentiment", "positive", "negative", "good", "bad"] + WORDS
+
+
+def _example(rng):
+    """Four filler words and "good" or "bad" somewhere: the label says which."""
+    from softprompt import data as data_mod
+
+    k = int(rng.integers(0, 2))
+    words = list(rng.choice(WORDS, 4))
+    words.insert(int(rng.integers(0, 5)), "good" if k else "bad")
+    return data_mod.Example(text=" ".join(words), label="positive" if k else "negative")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model folder, model, dataset, data file): a random Llama (weights N(0, 0.2^2), so a prompt
+    can steer it) with a word-level tokenizer, and the good/bad task."""
+    torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
+    transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    import softprompt
+    from softprompt import data as data_mod
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                   tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    examples = [_example(rng) for _ in range(600)]
+    data_file = folder / "data.jsonl"
+    data_file.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
+    dataset = data_mod.load_file(data_file)
+    return folder, softprompt.load_model(folder), dataset, data_file

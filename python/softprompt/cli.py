@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import softprompt  # sets the BLAS thread timeout before NumPy loads
 
 from . import data as data_mod
+from .distributed import DistributedError, world
 from .train import DEFAULT_INIT_TEXT, DEFAULT_LR, Task, TrainConfig, train
 
 
@@ -66,11 +68,23 @@ def _cmd_train(args):
         data=args.data, labels=args.labels.split(",") if args.labels else None, max_eval=args.max_eval,
         progress=not args.no_progress,
     )
+    comm = world()
     if args.resume:  # the run's own settings, with only the output directory from the command line
-        saved = _saved_config(Path(args.resume))
+        saved = comm.bcast(_saved_config(Path(args.resume)) if comm.rank == 0 else None)  # rank 0's files
         if saved:
             cfg = TrainConfig(**{**saved, "resume": args.resume, "progress": cfg.progress})
-    train(cfg)
+    if comm.size == 1:
+        train(cfg, comm=comm)
+        return 0
+    try:
+        train(cfg, comm=comm)
+    except (ValueError, FileNotFoundError, KeyError, DistributedError):
+        raise  # reported by main(), on rank 0
+    except BaseException:  # anything else on one rank would leave the others waiting: end them all
+        traceback.print_exc()
+        sys.stderr.write(f"softprompt train: rank {comm.rank} failed; ending all {comm.size} ranks\n")
+        sys.stderr.flush()
+        comm.abort(1)
     return 0
 
 
@@ -162,8 +176,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "info": _cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError, DistributedError) as exc:
+        if not isinstance(exc, DistributedError) or not str(exc).startswith("rank "):  # rank 0 reports
+            print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -189,9 +189,12 @@ def label_word_ids(tokenizer, labels):
     return out
 
 
-def pad_batch(items, pad_id=0):
-    """Right-padded ids [B, T], mask [B, T]."""
+def pad_batch(items, pad_id=0, length=None):
+    """Right-padded ids [B, T], mask [B, T]; T = the longest item, or `length` when given (at least
+    that)."""
     T = max(len(e.ids) for e in items)
+    if length is not None:
+        T = max(T, length)
     ids = np.full((len(items), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(items), T), dtype=bool)
     for b, e in enumerate(items):

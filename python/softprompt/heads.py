@@ -19,14 +19,17 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def cross_entropy(logits, labels):
-    """Mean cross-entropy.  logits [N, K], labels [N] -> (loss, dlogits [N, K])."""
+def cross_entropy(logits, labels, total=None):
+    """Mean cross-entropy.  logits [N, K], labels [N] -> (loss, dlogits [N, K]). total: divide the
+    sum by this instead of N (a shard of a bigger batch: its rows then get the big batch's exact
+    gradient)."""
     logp = _log_softmax(logits.astype(np.float64))
     n = logits.shape[0]
-    loss = -logp[np.arange(n), labels].mean()
+    total = n if total is None else total
+    loss = -logp[np.arange(n), labels].sum() / total
     d = np.exp(logp)
     d[np.arange(n), labels] -= 1.0
-    return float(loss), (d / n).astype(logits.dtype)
+    return float(loss), (d / total).astype(logits.dtype)
 
 
 def softmax_cross_entropy(logits, labels, scale):
@@ -51,10 +54,11 @@ def softmax_cross_entropy(logits, labels, scale):
 LOGITS_CHUNK_BYTES = 64 << 20
 
 
-def lm_loss(model, hidden, targets, loss_mask):
+def lm_loss(model, hidden, targets, loss_mask, total=None):
     """Next-token loss: hidden [B, T, C] at position t predicts targets[b, t] where loss_mask[b, t].
 
-    targets [B, T] int, loss_mask [B, T] bool. Mean over the selected positions.
+    targets [B, T] int, loss_mask [B, T] bool. Mean over the selected positions (or the sum divided
+    by total, for a shard of a bigger batch).
     -> (loss, dhidden [B, T, C]). Logits exist only for the selected positions, a chunk of rows at
     a time, and their buffer becomes their gradient in place.
     """
@@ -75,30 +79,39 @@ def lm_loss(model, hidden, targets, loss_mask):
     dh = np.zeros_like(h)
     chunks = -(-n * w.shape[0] * w.itemsize // LOGITS_CHUNK_BYTES)
     size = -(-n // chunks)
-    total = 0.0
+    total = n if total is None else total
+    loss = 0.0
     for r0 in range(0, n, size):
         sel = rows[r0:r0 + size]
         logits = h[sel] @ w.T  # [rows, V]
-        total += float(softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / n).sum())
+        loss += float(softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / total).sum())
         dh[sel] = logits @ w
-    return total / n, dh.reshape(hidden.shape)
+    return loss / total, dh.reshape(hidden.shape)
+
+
+def _rowwise(a, b):
+    """a [N, K] @ b [K, M] computed row by row the same way whatever N (BLAS switches to other
+    kernels for small products, so a row's result would depend on how many rows came with it): a
+    shard of a batch then gets bitwise the rows the whole batch gets. For the label words' few
+    columns only; the cost is nothing next to the model."""
+    return np.einsum("nk,km->nm", a, b)
 
 
 def label_word_logits(model, hidden, positions, label_ids):
     """hidden [B, T, C], positions [B] (the answer position of each row), label_ids [K] -> [B, K]."""
     h = hidden[np.arange(hidden.shape[0]), positions]
-    return h @ model.output_embeddings()[np.asarray(label_ids)].T
+    return _rowwise(h, model.output_embeddings()[np.asarray(label_ids)].T)
 
 
-def label_word_loss(model, hidden, positions, label_ids, labels):
+def label_word_loss(model, hidden, positions, label_ids, labels, total=None):
     """Cross-entropy over the K label words at each row's answer position.
-    labels [B] in [0, K). -> (loss, dhidden [B, T, C], logits [B, K])."""
+    labels [B] in [0, K). total: as in cross_entropy. -> (loss, dhidden [B, T, C], logits [B, K])."""
     w = model.output_embeddings()[np.asarray(label_ids)]  # [K, C]
     rows = np.arange(hidden.shape[0])
-    logits = hidden[rows, positions] @ w.T
-    loss, dlogits = cross_entropy(logits, np.asarray(labels))
+    logits = _rowwise(hidden[rows, positions], w.T)
+    loss, dlogits = cross_entropy(logits, np.asarray(labels), total)
     dhidden = np.zeros_like(hidden)
-    dhidden[rows, positions] = dlogits @ w
+    dhidden[rows, positions] = _rowwise(dlogits, w)
     return loss, dhidden, logits
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,27 +220,37 @@ class Task:
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
 
-    def loss_and_grads(self, adapter, batch):
+    def loss_and_grads(self, adapter, batch, length=None, total=None):
         """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
-        `weight` items (examples for classification, target tokens for generation)."""
-        ids, mask = data_mod.pad_batch(batch)
+        `weight` items (examples for classification, target tokens for generation), or, with
+        total, their sum divided by total (a shard of a bigger batch: each of its rows then gets
+        the exact gradient it has in the whole batch). length: pad to at least this many tokens."""
+        ids, mask = data_mod.pad_batch(batch, length=length)
         hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
             pos = mask.sum(1) - 1
             labels = np.array([e.answer for e in batch])
-            loss, dh, _ = heads.label_word_loss(self.model, hidden, pos, self.label_ids, labels)
+            loss, dh, _ = heads.label_word_loss(self.model, hidden, pos, self.label_ids, labels, total)
             weight = len(batch)
         else:
             targets, loss_mask = _next_token_targets(ids, mask, batch)
-            loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask)
+            loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask, total)
             weight = int(loss_mask.sum())
         grads = adapter.gradients(self.model.backward(dh, cache))
         return loss, grads, int(mask.sum()), weight
 
-    def evaluate(self, adapter, examples, batch_size=32, limit=None):
-        """Classification accuracy (or, for generation, mean target-token loss) on examples."""
+    def weight(self, e):
+        """What one example counts in a mean loss: 1, or its target tokens (generation)."""
+        return 1 if self.kind == "classification" else max(0, len(e.ids) - 1 - e.loss_from)
+
+    def evaluate(self, adapter, examples, batch_size=32, limit=None, comm=None):
+        """Classification accuracy (or, for generation, mean target-token loss) on examples.
+        With an MPI communicator every rank evaluates its share and the sums are reduced (all
+        ranks must call it)."""
         examples = examples[:limit] if limit else examples
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
+        if comm is not None and comm.size > 1:
+            order = order[comm.rank::comm.size]  # interleaved: every rank gets short and long ones
         correct, total_loss = 0, 0.0
         for b0 in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[b0:b0 + batch_size]]
@@ -250,9 +261,11 @@ class Task:
                 correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
             else:
                 total_loss += heads.lm_loss(self.model, hidden, *_next_token_targets(ids, mask, batch))[0] * len(batch)
+        if comm is not None and comm.size > 1:
+            correct, total_loss = comm.allreduce_sum(np.array([correct, total_loss]))
         if self.kind == "classification":
-            return correct / max(1, len(examples))
-        return total_loss / max(1, len(examples))
+            return float(correct) / max(1, len(examples))
+        return float(total_loss) / max(1, len(examples))
 
     def predict(self, adapter, text):
         """The label (classification) for one text."""
@@ -295,9 +308,11 @@ def save_checkpoint(path: Path, adapter, opt, state):
     _atomic_write(path, write)
 
 
-def load_checkpoint(path: Path, adapter, opt):
+def load_checkpoint(path: Path, adapter, opt, content=None):
+    """Restores adapter and optimizer from the checkpoint at path (or from its bytes, content).
+    -> the saved training state."""
     try:
-        with np.load(path) as z:
+        with np.load(path if content is None else io.BytesIO(content)) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             for k, p in adapter.parameters().items():
                 p[...] = z[f"param/{k}"]
@@ -318,18 +333,35 @@ def micro_batches(task, cfg, epoch):
     return data_mod.bucketed_batches(task.train, cfg.batch_size, rng)
 
 
-def train(cfg: TrainConfig, model=None, dataset=None, log=print):
-    """Runs the job described by cfg. -> metrics dict (also written to OUTPUT/metrics.json)."""
-    from . import get_num_threads, load_model, set_num_threads
+def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None):
+    """Runs the job described by cfg. -> metrics dict (also written to OUTPUT/metrics.json).
 
+    Under an MPI launcher with several processes (see `softprompt.distributed`), data-parallel:
+    every rank holds the model and takes its contiguous share of each global micro-batch; one
+    allreduce per step sums the adapter's gradient (weighted by examples or target tokens, so the
+    loss means what it means in one process), and every rank applies the same AdamW update. Rank 0
+    alone logs, shows progress and writes files; evaluation is sharded and reduced."""
+    from . import get_num_threads, load_model, set_num_threads
+    from .distributed import world
+
+    comm = comm or world()
     cfg = cfg.resolved()
-    if cfg.threads:
-        set_num_threads(cfg.threads)
+    if comm.rank != 0:
+        log = _quiet
+    threads = cfg.threads or _threads_per_rank(comm)
+    if threads:
+        set_num_threads(threads)
+        _limit_blas_threads(threads)
     out = Path(cfg.resume or cfg.output)
-    model = model or load_model(cfg.model)
-    if dataset is None:
-        dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
-    task = Task(model, dataset)
+    error = None
+    try:  # every rank loads its own copy; a failure anywhere stops every rank with all the reasons
+        model = model or load_model(cfg.model)
+        if dataset is None:
+            dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
+        task = Task(model, dataset)
+    except (OSError, ValueError, KeyError) as exc:
+        error = exc
+    comm.agree(error)
     adapter = make_adapter(model, cfg, task.label_ids)
     params = adapter.parameters()
     opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
@@ -338,48 +370,49 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
     state = {"step": 0, "history": [], "evals": [], "best": None, "best_step": None, "since_best": 0,
              "train_seconds": 0.0, "eval_seconds": 0.0, "tokens": 0, "best_params": None}
     ckpt = out / CHECKPOINT
-    if not cfg.resume:  # what `--resume DIR` continues with
+    if not cfg.resume and comm.rank == 0:  # what `--resume DIR` continues with
         saved = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "extra", "progress")}
         _atomic_write(out / "run_config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
-    if cfg.resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"resume: {ckpt} does not exist")
-        state = load_checkpoint(ckpt, adapter, opt)
+    if cfg.resume:  # rank 0 reads the checkpoint; every rank restores it from rank 0's bytes
+        content = None
+        if comm.rank == 0:
+            content = ckpt.read_bytes() if ckpt.exists() else FileNotFoundError(f"resume: {ckpt} does not exist")
+        content = comm.bcast(content)
+        if isinstance(content, Exception):
+            raise content
+        state = load_checkpoint(ckpt, adapter, opt, content)
         log(f"resuming {out} at step {state['step']} of {total}")
     metric = "accuracy" if task.kind == "classification" else "loss"
     better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
     if not cfg.resume:
         n_test = min(len(task.test), cfg.max_eval or len(task.test))
-        log(f"{len(task.train)} training examples; evaluating the start on {n_test} test examples...")
-        state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval)
-        state["initial"] = task.evaluate(adapter, task.test, limit=cfg.max_eval)
+        ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
+        log(f"{len(task.train)} training examples{ranks}; evaluating the start on {n_test} test examples...")
+        state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm)
+        state["initial"] = task.evaluate(adapter, task.test, limit=cfg.max_eval, comm=comm)
         log(f"zero-shot test {metric} (frozen model, no adapter): {state['zero_shot']:.4f}; "
             f"with the initialized {cfg.method} adapter: {state['initial']:.4f}")
-    if cfg.progress:
+    if cfg.progress and comm.rank == 0:
         adapter.print_trainable_parameters(model)
 
-    bar = _progress(total, state["step"], cfg.progress)
+    bar = _progress(total, state["step"], cfg.progress and comm.rank == 0)
     epoch, batches, cursor = _position(task, cfg, state["step"])
     t_start = time.perf_counter() - state["train_seconds"]
     stopped_early = False
+    kill_at = _test_kill_step(comm.rank)
     while state["step"] < total:
         step = state["step"]
-        # Gradient accumulation: a mean over every example (or target token) of the micro-batches,
-        # whatever their sizes, so the loss means the same as one big batch.
-        grads_sum, loss_sum, tokens, weight_sum = None, 0.0, 0, 0
+        # Gradient accumulation and data parallelism: the step's loss is the mean over every example
+        # (or target token) of its micro-batches, however they are split over ranks. Each part
+        # divides its sum by that global count, so every row gets exactly the gradient it has in one
+        # big batch; the parts are added in float64, in one buffer for one allreduce.
+        micro = []
         for _ in range(cfg.grad_accum):
             if cursor >= len(batches):
                 epoch, batches, cursor = epoch + 1, micro_batches(task, cfg, epoch + 1), 0
-            batch = [task.train[i] for i in batches[cursor]]
+            micro.append(batches[cursor])
             cursor += 1
-            loss, grads, n, weight = task.loss_and_grads(adapter, batch)
-            loss_sum += loss * weight
-            tokens += n
-            weight_sum += weight
-            grads = {k: g * weight for k, g in grads.items()}
-            grads_sum = grads if grads_sum is None else {k: grads_sum[k] + g for k, g in grads.items()}
-        grads_sum = {k: g / weight_sum for k, g in grads_sum.items()}
-        loss_mean = loss_sum / weight_sum
+        grads_sum, loss_mean, tokens = step_gradients(task, adapter, micro, comm)
         gnorm = clip_gradients(grads_sum, cfg.clip)
         lr = learning_rate(step, total, cfg.lr, cfg.warmup, cfg.schedule)
         opt.step(grads_sum, lr)
@@ -392,7 +425,7 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
             bar.update(1)
         if state["step"] % cfg.eval_every == 0 or state["step"] == total:
             t_eval = time.perf_counter()
-            value = task.evaluate(adapter, task.validation, limit=cfg.max_eval)
+            value = task.evaluate(adapter, task.validation, limit=cfg.max_eval, comm=comm)
             state["eval_seconds"] += time.perf_counter() - t_eval
             state["evals"].append({"step": state["step"], f"validation_{metric}": value})
             if state["best"] is None or better(value, state["best"]):
@@ -404,19 +437,21 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
                                   f"at step {state['best_step']})")
             if cfg.patience and state["since_best"] >= cfg.patience:
                 stopped_early = True
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or stopped_early:
+        if comm.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or stopped_early):
             save_checkpoint(ckpt, adapter, opt, state)
         if stopped_early:
             _write_line(bar, log, f"early stop: no validation improvement in {cfg.patience} evaluations")
             break
         if cfg.extra.get("stop_after") == state["step"]:  # tests: an interruption right after a step
             raise KeyboardInterrupt(f"stopped after step {state['step']}")
+        if kill_at == state["step"]:  # tests: this rank dies (SIGKILL) right after a step
+            os.kill(os.getpid(), signal.SIGKILL)
     if bar is not None:
         bar.close()
     if state.get("best_params") is not None and cfg.patience:  # early stopping keeps the best
         for k, v in state["best_params"].items():
             params[k][...] = v
-    final = task.evaluate(adapter, task.test, limit=cfg.max_eval)
+    final = task.evaluate(adapter, task.test, limit=cfg.max_eval, comm=comm)
     metrics = {
         f"zero_shot_{metric}": state.get("zero_shot"),
         f"initial_{metric}": state.get("initial"),
@@ -429,18 +464,84 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print):
         "best_step": state["best_step"],
         "evals": state["evals"],
         "threads": get_num_threads(),
+        "ranks": comm.size,
         "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
     }
-    adapter.save_pretrained(out)
-    task_info = {"kind": task.kind, "template": task.template, "labels": task.labels, "label_ids": task.label_ids,
-                 "method": cfg.method, "model": cfg.model}
-    _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
-    _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    _plot(out / "training_curves.png", state, metric)
+    if comm.rank == 0:
+        adapter.save_pretrained(out)
+        task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
+                     "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model}
+        _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
+        _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        _plot(out / "training_curves.png", state, metric)
     log(f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f}); {state['step']} steps in "
         f"{metrics['train_seconds']:.0f} s (validation included), {metrics['tokens_per_second']:.0f} tokens/s; "
         f"adapter in {out}")
     return metrics
+
+
+def step_gradients(task, adapter, micro, comm):
+    """One optimizer step's gradient: micro is the step's list of global micro-batches (index lists
+    into task.train); this rank takes its shard of each. -> ({param: grad}, loss, tokens), the same
+    on every rank: the mean over all examples (or target tokens) of all micro-batches."""
+    from .distributed import shard
+
+    params = adapter.parameters()
+    weight_sum = sum(task.weight(task.train[i]) for batch in micro for i in batch)
+    if weight_sum == 0:
+        raise ValueError("data: a step's batches have no target tokens")
+    sums = {k: np.zeros(p.shape, dtype=np.float64) for k, p in params.items()}
+    loss_sum, tokens = 0.0, 0
+    for batch in micro:
+        mine = shard(batch, comm.rank, comm.size)
+        if len(mine) == 0:  # a global batch smaller than the world: this rank adds nothing
+            continue
+        # Padded to the global batch's length: each row then computes exactly as in one process.
+        length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
+        loss, grads, n, _ = task.loss_and_grads(adapter, [task.train[i] for i in mine], length, weight_sum)
+        for k, g in grads.items():
+            sums[k] += g
+        loss_sum += loss
+        tokens += n
+    flat = np.concatenate([v.reshape(-1) for v in sums.values()] + [np.array([loss_sum, tokens])])
+    flat = comm.allreduce_sum(flat)
+    grads_sum, start = {}, 0
+    for k, p in params.items():
+        grads_sum[k] = flat[start:start + p.size].astype(p.dtype).reshape(p.shape)
+        start += p.size
+    return grads_sum, float(flat[-2]), int(flat[-1])
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _threads_per_rank(comm):
+    """With several ranks and no --threads: the machine's cores shared by the ranks on it, so
+    that ranks do not oversubscribe the cores. None (the default) in one process."""
+    if comm.size == 1:
+        return None
+    local = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+                  if os.environ.get(v, "").isdigit()), comm.size)
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def _limit_blas_threads(n):
+    """NumPy's BLAS threads follow --threads too (threadpoolctl; a no-op where it is missing)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(n, user_api="blas")
+
+
+def _test_kill_step(rank):
+    """Tests of fault handling: SOFTPROMPT_TEST_KILL="RANK:STEP" kills that rank after that step."""
+    value = os.environ.get("SOFTPROMPT_TEST_KILL", "")
+    if ":" not in value:
+        return None
+    r, step = value.split(":", 1)
+    return int(step) if int(r) == rank else None
 
 
 def _tokens_per_second(state):

@@ -1,0 +1,123 @@
+"""Data-parallel training over MPI (through mpi4py), and its one-process stand-in.
+
+`world()` returns the communicator the training driver uses. Under `mpirun`/`mpiexec` (detected
+from the launcher's environment) with more than one process it is `MPIWorld`, which imports mpi4py;
+otherwise `SingleProcess`, and nothing MPI-related is imported. Only these operations are used:
+
+- `allreduce_sum(buf)`: float64 vector, summed over ranks (one call per optimizer step: the adapter's
+  gradient, the loss and the counts packed into one buffer). It waits with a deadline: a rank that
+  died or hangs ends the job from rank 0 with a message, never a silent hang.
+- `bcast(obj)`: rank 0's Python object to every rank (a resumed checkpoint's state).
+- `agree(error)`: every rank's setup outcome; if any rank failed (a data file it cannot read, a
+  model it cannot load), every rank raises with all the failures listed.
+- `abort(code)`: ends every rank's process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+# Environment variables by which launchers announce the job's size: Open MPI, MPICH/Hydra (and
+# Intel MPI), MVAPICH. SOFTPROMPT_MPI=1 forces MPI for a launcher not listed here.
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the other ranks (SOFTPROMPT_MPI_TIMEOUT)
+
+
+class DistributedError(RuntimeError):
+    """A failure on some rank, reported on every rank."""
+
+
+class SingleProcess:
+    rank, size = 0, 1
+
+    def allreduce_sum(self, buf):
+        return buf
+
+    def bcast(self, obj):
+        return obj
+
+    def agree(self, error=None):
+        if error is not None:
+            raise error
+
+    def abort(self, code=1):
+        raise SystemExit(code)
+
+
+class MPIWorld:
+    def __init__(self, timeout=None):
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ImportError(
+                "softprompt was started by an MPI launcher with several processes, but mpi4py is not "
+                "installed: pip install 'softprompt[mpi]' (and an MPI runtime, see README)") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.timeout = float(os.environ.get("SOFTPROMPT_MPI_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
+
+    def _wait(self, request, what):
+        """Polls a non-blocking collective until it completes or the deadline passes."""
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                sys.stderr.write(f"softprompt: rank {self.rank}: {what} got no answer from the other ranks in "
+                                 f"{self.timeout:.0f} s (a rank died or hangs); ending the job\n")
+                sys.stderr.flush()
+                self.abort(1)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def allreduce_sum(self, buf):
+        buf = np.ascontiguousarray(buf, dtype=np.float64)
+        out = np.empty_like(buf)
+        self._wait(self.comm.Iallreduce(buf, out, op=self.MPI.SUM), "allreduce")
+        return out
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def agree(self, error=None):
+        """Raises on every rank if any rank had an error (each rank passes its own or None)."""
+        flags = self.allreduce_sum(np.array([0.0 if error is None else 1.0]))
+        if flags[0] == 0:
+            return
+        messages = self.comm.gather(None if error is None else f"{type(error).__name__}: {error}", root=0)
+        if self.rank == 0:
+            failed = "\n".join(f"  rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+            raise DistributedError(f"{int(flags[0])} of {self.size} ranks failed:\n{failed}")
+        raise DistributedError(f"rank {self.rank}: stopping, another rank failed (rank 0 reports it)")
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+def launched_size():
+    """The process count an MPI launcher announced in the environment (1 when none did)."""
+    for var in _SIZE_VARS:
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 1
+
+
+def world():
+    """MPIWorld under an MPI launcher with 2+ processes (or SOFTPROMPT_MPI=1), else SingleProcess."""
+    if launched_size() > 1 or os.environ.get("SOFTPROMPT_MPI") == "1":
+        w = MPIWorld()
+        if w.size > 1:
+            return w
+    return SingleProcess()
+
+
+def shard(items, rank, size):
+    """This rank's contiguous part of a global batch: sizes differ by at most one; a rank may get
+    none when the batch is smaller than the world."""
+    n = len(items)
+    return items[rank * n // size:(rank + 1) * n // size]
