@@ -47,7 +47,7 @@ def batch(vocab, rows, seed):
 
 
 def timed(fn, warmup, steps):
-    out = [fn() for _ in range(warmup)]
+    out = [fn() for _ in range(max(1, warmup))]  # the first call's result: the step-0 loss
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

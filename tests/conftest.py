@@ -82,10 +82,9 @@ def _example(rng):
     return data_mod.Example(text=" ".join(words), label="positive" if k else "negative")
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
+def make_tiny_task(folder, hidden_size=64, intermediate_size=128):
     """(model folder, model, dataset, data file): a random Llama (weights N(0, 0.2^2), so a prompt
-    can steer it) with a word-level tokenizer, and the good/bad task."""
+    can steer it) with a word-level tokenizer, and the good/bad task, written to folder."""
     torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
     transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -93,14 +92,13 @@ def tiny(tmp_path_factory):
     import softprompt
     from softprompt import data as data_mod
 
-    folder = tmp_path_factory.mktemp("tiny")
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                   tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   initializer_range=0.2, tie_word_embeddings=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
@@ -111,3 +109,8 @@ def tiny(tmp_path_factory):
     data_file.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in examples))
     dataset = data_mod.load_file(data_file)
     return folder, softprompt.load_model(folder), dataset, data_file
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("tiny"))

@@ -192,3 +192,44 @@ def test_shared_prompt_rows_equal_the_plain_prompt(padding, rng, monkeypatch):
         np.testing.assert_allclose(h1, h2, rtol=1e-11, atol=1e-12)
         np.testing.assert_allclose(g1["prompt"], g2["prompt"], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(g1["inputs_embeds"], g2["inputs_embeds"], rtol=1e-10, atol=1e-12)
+
+
+def test_model_inputs_are_checked_and_converted(rng):
+    model = _tiny_llama(rng)
+    ids = rng.integers(0, 50, (2, 5))
+    emb = model.embed[ids]
+    want = model.forward(None, inputs_embeds=emb)
+    got = model.forward(None, inputs_embeds=emb.astype(np.float64)[:, ::1])  # converted to the model's dtype
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    adapter = PromptTuning(rng.standard_normal((3, 32)).astype(np.float32))
+    for bad, err, msg in [(emb[0], ValueError, r"inputs_embeds: expected shape \[B, T, 32\] with B, T >= 1, got \(5, 32\)"),
+                          (emb[..., :8], ValueError, r"got \(2, 5, 8\)"),
+                          (emb.tolist(), TypeError, "inputs_embeds: expected a numpy.ndarray, got list"),
+                          (ids[..., None].repeat(32, -1), TypeError, "inputs_embeds: expected a float array")]:
+        with pytest.raises(err, match=msg):
+            model.forward(None, inputs_embeds=bad, adapter=adapter)
+    hidden, cache = model.forward(ids, adapter=adapter, keep_cache=True)
+    with pytest.raises(ValueError, match=r"dhidden: expected shape \[B, T, 32\]"):
+        model.backward(hidden[0], cache)
+
+
+def test_a_partial_set_of_attention_biases_counts_the_missing_ones_as_zero(rng):
+    model = _tiny_llama(rng, np.float64, bias=True)
+    layers = [dict(w) for w in model.layers]
+    for w in layers:
+        for name in ("qkv", "qkv_bias", "gate_up"):
+            del w[name]
+        w["k_bias"] = None  # as a loader leaves a bias the checkpoint lacks
+    partial = Llama(model.config, model.embed, layers, model.final_norm)
+    for w in layers:
+        w["k_bias"] = np.zeros(16)
+    zero = Llama(model.config, model.embed, [dict(w) for w in layers], model.final_norm)
+    ids = rng.integers(0, 50, (2, 5))
+    np.testing.assert_array_equal(partial.forward(ids), zero.forward(ids))
+
+
+def test_cross_entropy_rejects_labels_out_of_range():
+    for backend in ("cpp", "numpy"):
+        with ops.use_backend(backend), pytest.raises(ValueError, match=r"labels: expected 2 values in \[0, 4\)"):
+            heads.softmax_cross_entropy(np.zeros((2, 4), np.float32), np.array([0, -1]), 1.0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import softprompt  # sets the BLAS thread timeout before NumPy loads
 
 from . import data as data_mod
-from .distributed import DistributedError, world
+from .distributed import DistributedError, launched_rank, world
 from .train import DEFAULT_INIT_TEXT, DEFAULT_LR, Task, TrainConfig, train
 
 
@@ -70,17 +70,26 @@ def _cmd_train(args):
     )
     comm = world()
     if args.resume:  # the run's own settings, with only the output directory from the command line
-        saved = comm.bcast(_saved_config(Path(args.resume)) if comm.rank == 0 else None)  # rank 0's files
+        saved = None
+        if comm.rank == 0:  # rank 0's files; a failure to read them is every rank's
+            try:
+                saved = _saved_config(Path(args.resume))
+            except (OSError, ValueError) as exc:
+                saved = ValueError(f"resume: cannot read {Path(args.resume) / 'run_config.json'} ({exc})")
+        saved = comm.bcast(saved)
+        if isinstance(saved, Exception):
+            raise saved
         if saved:
             cfg = TrainConfig(**{**saved, "resume": args.resume, "progress": cfg.progress})
+    cfg.resolved()  # a bad setting stops every rank alike, before any collective
     if comm.size == 1:
         train(cfg, comm=comm)
         return 0
     try:
         train(cfg, comm=comm)
-    except (ValueError, FileNotFoundError, KeyError, DistributedError):
-        raise  # reported by main(), on rank 0
-    except BaseException:  # anything else on one rank would leave the others waiting: end them all
+    except DistributedError:
+        raise  # every rank has it; main() prints rank 0's
+    except BaseException:  # an error on one rank would leave the others waiting: end them all
         traceback.print_exc()
         sys.stderr.write(f"softprompt train: rank {comm.rank} failed; ending all {comm.size} ranks\n")
         sys.stderr.flush()
@@ -177,7 +186,7 @@ def main(argv=None):
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "info": _cmd_info}[args.command](args)
     except (ValueError, FileNotFoundError, KeyError, DistributedError) as exc:
-        if not isinstance(exc, DistributedError) or not str(exc).startswith("rank "):  # rank 0 reports
+        if launched_rank() == 0:  # under MPI every rank has the error: rank 0 reports it
             print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,8 +5,8 @@ from the launcher's environment) with more than one process it is `MPIWorld`, wh
 otherwise `SingleProcess`, and nothing MPI-related is imported. Only these operations are used:
 
 - `allreduce_sum(buf)`: float64 vector, summed over ranks (one call per optimizer step: the adapter's
-  gradient, the loss and the counts packed into one buffer). It waits with a deadline: a rank that
-  died or hangs ends the job from rank 0 with a message, never a silent hang.
+  gradient, the loss and the counts packed into one buffer). It waits with a deadline: when a rank
+  died or hangs, the ranks still waiting print a message and abort the job, never a silent hang.
 - `bcast(obj)`: rank 0's Python object to every rank (a resumed checkpoint's state).
 - `agree(error)`: every rank's setup outcome; if any rank failed (a data file it cannot read, a
   model it cannot load), every rank raises with all the failures listed.
@@ -96,6 +96,15 @@ class MPIWorld:
 
     def abort(self, code=1):
         self.comm.Abort(code)
+
+
+def launched_rank():
+    """This process's rank as the MPI launcher announced it (0 when none did)."""
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
 
 
 def launched_size():

@@ -37,6 +37,10 @@ def softmax_cross_entropy(logits, labels, scale):
     scale * (softmax - onehot(labels)), the gradient of scale * sum(loss). -> per-row loss [N]
     (float64). C++ core (cpp/layers.cpp) unless ops' backend is "numpy"; this is its twin."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if labels.shape != logits.shape[:1] or (labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1])):
+        raise ValueError(f"labels: expected {logits.shape[0]} values in [0, {logits.shape[1]}), got shape "
+                         f"{labels.shape}, range [{labels.min() if labels.size else '-'}, "
+                         f"{labels.max() if labels.size else '-'}]")
     if ops.get_backend() == "cpp":
         return _core.softmax_cross_entropy(logits, labels, scale)
     logp = _log_softmax(logits.astype(np.float64))

@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # our kernels' and NumPy's BLAS threads (default: all cores, shared by MPI ranks)
     eval_every: int = 100
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
     checkpoint_every: int = 50
@@ -244,14 +244,14 @@ class Task:
         return 1 if self.kind == "classification" else max(0, len(e.ids) - 1 - e.loss_from)
 
     def evaluate(self, adapter, examples, batch_size=32, limit=None, comm=None):
-        """Classification accuracy (or, for generation, mean target-token loss) on examples.
+        """Classification accuracy (or, for generation, the mean loss per target token) on examples.
         With an MPI communicator every rank evaluates its share and the sums are reduced (all
         ranks must call it)."""
         examples = examples[:limit] if limit else examples
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
         if comm is not None and comm.size > 1:
             order = order[comm.rank::comm.size]  # interleaved: every rank gets short and long ones
-        correct, total_loss = 0, 0.0
+        correct, loss_sum, targets = 0, 0.0, 0
         for b0 in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[b0:b0 + batch_size]]
             ids, mask = data_mod.pad_batch(batch)
@@ -259,13 +259,16 @@ class Task:
             if self.kind == "classification":
                 logits = heads.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
                 correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
-            else:
-                total_loss += heads.lm_loss(self.model, hidden, *_next_token_targets(ids, mask, batch))[0] * len(batch)
+            else:  # a sum over target tokens, whatever batches they fall in
+                target_ids, loss_mask = _next_token_targets(ids, mask, batch)
+                if loss_mask.any():
+                    loss_sum += heads.lm_loss(self.model, hidden, target_ids, loss_mask, total=1)[0]
+                    targets += int(loss_mask.sum())
         if comm is not None and comm.size > 1:
-            correct, total_loss = comm.allreduce_sum(np.array([correct, total_loss]))
+            correct, loss_sum, targets = comm.allreduce_sum(np.array([correct, loss_sum, targets]))
         if self.kind == "classification":
             return float(correct) / max(1, len(examples))
-        return float(total_loss) / max(1, len(examples))
+        return float(loss_sum) / max(1, targets)
 
     def predict(self, adapter, text):
         """The label (classification) for one text."""
@@ -493,8 +496,8 @@ def step_gradients(task, adapter, micro, comm):
     sums = {k: np.zeros(p.shape, dtype=np.float64) for k, p in params.items()}
     loss_sum, tokens = 0.0, 0
     for batch in micro:
-        mine = shard(batch, comm.rank, comm.size)
-        if len(mine) == 0:  # a global batch smaller than the world: this rank adds nothing
+        mine = [i for i in shard(batch, comm.rank, comm.size) if task.weight(task.train[i])]
+        if not mine:  # no example (a batch smaller than the world) or no target token: nothing to add
             continue
         # Padded to the global batch's length: each row then computes exactly as in one process.
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
@@ -523,15 +526,17 @@ def _threads_per_rank(comm):
         return None
     local = next((int(os.environ[v]) for v in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
                   if os.environ.get(v, "").isdigit()), comm.size)
-    return max(1, (os.cpu_count() or 1) // local)
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this rank may use: launchers bind ranks
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 1) // local)
+    return cores if cores < (os.cpu_count() or 1) else max(1, cores // local)
 
 
 def _limit_blas_threads(n):
-    """NumPy's BLAS threads follow --threads too (threadpoolctl; a no-op where it is missing)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
+    """NumPy's BLAS threads follow --threads too (for the rest of the process)."""
+    from threadpoolctl import threadpool_limits
+
     threadpool_limits(n, user_api="blas")
 
 

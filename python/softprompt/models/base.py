@@ -155,10 +155,10 @@ class Transformer:
         """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D].
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
-        pk, pv = self._layer_prefix(i, ctx, q.dtype)
         packed = ctx.extra.get("packed_prompt")
         if packed is not None:
             return self._packed_attention(q, k, v, packed)
+        pk, pv = self._layer_prefix(i, ctx, q.dtype)
         cache = ctx.extra.get("kv_cache")
         if cache is not None:
             if i in cache:
@@ -223,14 +223,12 @@ class Transformer:
         first), and with keep_cache the cache for `backward`.
         """
         if inputs_embeds is None:
-            ids = _as_ids(input_ids, self.config.vocab_size)
-            x = self.embed_tokens(ids)
+            x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
         else:
-            x = inputs_embeds
-            ids = None
+            x = self._as_rows("inputs_embeds", inputs_embeds)
         B, T = x.shape[:2]
         mask = _as_mask(attention_mask, (B, T))
-        if self.share_prompt_rows and self.config.causal and token_type_ids is None and _is_prompt(adapter):
+        if token_type_ids is None and self.shares_prompt_rows(adapter):
             return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual)
         kind, P, x, ctx = self.inject(adapter, x, mask)
         if token_type_ids is not None:
@@ -280,6 +278,21 @@ class Transformer:
         dx = self.embed_backward(dh, cache["embed"], ctx)
         return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
 
+    def _as_rows(self, name, x):
+        """x as a C-ordered [B, T, hidden_size] array in the model's dtype (the kernels take no
+        other), or a ValueError/TypeError naming the argument."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != self.config.hidden_size:
+            raise ValueError(f"{name}: expected shape [B, T, {self.config.hidden_size}] with B, T >= 1, got {x.shape}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def shares_prompt_rows(self, adapter):
+        """Whether forward runs adapter's prompt rows once for the batch (see share_prompt_rows)."""
+        return self.share_prompt_rows and self.config.causal and _is_prompt(adapter)
+
     def inject(self, adapter, x, mask):
         """Applies the adapter to token embeddings x [B, T, C] with mask [B, T] (True = real).
         -> (kind, P, the layers' input [B, L, C], their Context). Positions count real tokens from
@@ -314,6 +327,7 @@ class Transformer:
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
         [num_layers, 2, P, Hkv, D] (summed over the batch). The frozen weights get no gradient.
         """
+        dhidden = self._as_rows("dhidden", dhidden)
         if cache.get("shared_prompt"):
             return self._backward_shared_prompt(dhidden, cache)
         ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]

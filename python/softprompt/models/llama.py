@@ -89,8 +89,13 @@ class Llama(Transformer):
 
 def _fuse(w, refuse=False):
     """Stacks a layer's q/k/v (and biases) into "qkv" and gate/up into "gate_up", in place, the
-    separate names kept as row views; each original is dropped as soon as it is copied, so loading
-    never holds two copies of the model. refuse: rebuild after a cast broke the views apart."""
+    separate names kept as row views; the layer's reference to each original is dropped as soon as
+    it is copied (the GGUF loader holds no other, so loading it never holds two copies of the
+    model). refuse: rebuild after a cast broke the views apart."""
+    if any(b in w for b in ("q_bias", "k_bias", "v_bias")):  # a missing one of the three is a zero bias
+        for b, rows in (("q_bias", "q"), ("k_bias", "k"), ("v_bias", "v")):
+            if w.get(b) is None:
+                w[b] = np.zeros(w[rows].shape[0], dtype=w[rows].dtype)
     for fused, parts in (("qkv", ("q", "k", "v")), ("qkv_bias", ("q_bias", "k_bias", "v_bias")),
                          ("gate_up", ("gate", "up"))):
         if not all(p in w for p in parts) or (fused in w and not refuse):
