@@ -20,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args)
-    mpiexec = shutil.which("mpiexec")
+    mpiexec = shutil.which("mpiexec") or shutil.which("mpiexec", path=sysconfig.get_path("scripts"))
     if mpiexec is None:
         sys.exit("bench_mpi: no mpiexec on PATH: pip install mpi4py mpich")
     base = [__file__, "--child", "--method", args.method, "--steps", str(args.steps), "--warmup", str(args.warmup),

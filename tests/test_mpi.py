@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 
 from softprompt.distributed import SingleProcess, launched_size, shard, world
 
-MPIEXEC = shutil.which("mpiexec")
+# The mpich wheel puts mpiexec beside this Python's scripts, which need not be on PATH.
+MPIEXEC = shutil.which("mpiexec") or shutil.which("mpiexec", path=sysconfig.get_path("scripts"))
 
 
 @pytest.fixture(scope="module")
