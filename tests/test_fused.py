@@ -212,6 +212,8 @@ def test_model_inputs_are_checked_and_converted(rng):
     hidden, cache = model.forward(ids, adapter=adapter, keep_cache=True)
     with pytest.raises(ValueError, match=r"dhidden: expected shape \[B, T, 32\]"):
         model.backward(hidden[0], cache)
+    with pytest.raises(ValueError, match=r"dhidden: expected shape \[2, 5, C\] \(or \[2, 8, C\] after keep_virtual\)"):
+        model.backward(hidden[:, :4], cache)
 
 
 def test_a_partial_set_of_attention_biases_counts_the_missing_ones_as_zero(rng):

@@ -87,8 +87,9 @@ class Transformer:
     embed: np.ndarray  # token embeddings [V, C]
 
     # Prompt tuning of a causal model: the P prompt rows attend only to themselves, so they are the
-    # same for every example. They run once (batch 1) and their per-layer keys/values serve the
-    # batch as a prefix: B*T + P rows instead of B*(P+T), the same result. False: the plain way.
+    # same for every example. They run once, packed with the batch's rows for the row-wise layers,
+    # and their keys/values serve the batch as a prefix: B*T + P rows instead of B*(P+T), the same
+    # result. False: the plain way (the prompt prepended to every row).
     share_prompt_rows = True
 
     # -- per architecture ---------------------------------------------------------------
@@ -266,6 +267,9 @@ class Transformer:
     def _backward_shared_prompt(self, dhidden, cache):
         ctx, P = cache["ctx"], cache["P"]
         _, B, T, _ = ctx.extra["packed_prompt"]
+        if dhidden.shape[:2] not in ((B, T), (B, P + T)):
+            raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {P + T}, C] after keep_virtual) like "
+                             f"forward's output, got {dhidden.shape}")
         C = dhidden.shape[2]
         dh = np.zeros((1, P + B * T, C), dtype=dhidden.dtype)
         if dhidden.shape[1] == P + T:  # keep_virtual: the prompt rows' gradient, summed over the batch
