@@ -220,11 +220,12 @@ class Task:
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
 
-    def loss_and_grads(self, adapter, batch, length=None, total=None):
+    def loss_and_grads(self, adapter, batch, length=None, total=None, reduce_prompt=None):
         """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
         `weight` items (examples for classification, target tokens for generation), or, with
         total, their sum divided by total (a shard of a bigger batch: each of its rows then gets
-        the exact gradient it has in the whole batch). length: pad to at least this many tokens."""
+        the exact gradient it has in the whole batch). length: pad to at least this many tokens.
+        reduce_prompt: see Transformer.backward."""
         ids, mask = data_mod.pad_batch(batch, length=length)
         hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
@@ -236,7 +237,7 @@ class Task:
             targets, loss_mask = _next_token_targets(ids, mask, batch)
             loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask, total)
             weight = int(loss_mask.sum())
-        grads = adapter.gradients(self.model.backward(dh, cache))
+        grads = adapter.gradients(self.model.backward(dh, cache, reduce_prompt))
         return loss, grads, int(mask.sum()), weight
 
     def weight(self, e):
@@ -495,15 +496,24 @@ def step_gradients(task, adapter, micro, comm):
         raise ValueError("data: a step's batches have no target tokens")
     sums = {k: np.zeros(p.shape, dtype=np.float64) for k, p in params.items()}
     loss_sum, tokens = 0.0, 0
+    # Prompt tuning's shared prompt rows (models.base): their backward runs once per micro-batch, on
+    # the whole batch's part reduced inside the model's backward; every rank then holds the same
+    # prompt gradient, and one rank (the first with rows to add) adds it.
+    shared = comm.size > 1 and task.model.shares_prompt_rows(adapter)
     for batch in micro:
-        mine = [i for i in shard(batch, comm.rank, comm.size) if task.weight(task.train[i])]
-        if not mine:  # no example (a batch smaller than the world) or no target token: nothing to add
+        parts = [[i for i in shard(batch, r, comm.size) if task.weight(task.train[i])] for r in range(comm.size)]
+        mine = parts[comm.rank]
+        if not mine:  # no example (a batch smaller than the world) or no target token: nothing to add...
+            if shared and any(parts):  # ...but the others' model backward reduces with this rank
+                comm.allreduce_sum(np.zeros(_shared_prompt_size(task.model, adapter)))
             continue
         # Padded to the global batch's length: each row then computes exactly as in one process.
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
-        loss, grads, n, _ = task.loss_and_grads(adapter, [task.train[i] for i in mine], length, weight_sum)
-        for k, g in grads.items():
-            sums[k] += g
+        loss, grads, n, _ = task.loss_and_grads(adapter, [task.train[i] for i in mine], length, weight_sum,
+                                                comm.allreduce_sum if shared else None)
+        if not shared or comm.rank == next(r for r, part in enumerate(parts) if part):
+            for k, g in grads.items():
+                sums[k] += g
         loss_sum += loss
         tokens += n
     flat = np.concatenate([v.reshape(-1) for v in sums.values()] + [np.array([loss_sum, tokens])])
@@ -513,6 +523,14 @@ def step_gradients(task, adapter, micro, comm):
         grads_sum[k] = flat[start:start + p.size].astype(p.dtype).reshape(p.shape)
         start += p.size
     return grads_sum, float(flat[-2]), int(flat[-1])
+
+
+def _shared_prompt_size(model, adapter):
+    """Length of the vector the shared prompt rows' backward reduces (Transformer.backward): what
+    the batch gives the prompt's keys and values in every layer, and the prompt rows' own output
+    gradient."""
+    c, P = model.config, adapter.num_virtual_tokens
+    return c.num_layers * 2 * P * c.num_kv_heads * c.head_dim + P * c.hidden_size
 
 
 def _quiet(*args, **kwargs):

@@ -171,11 +171,14 @@ class Transformer:
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         packed = ctx.extra.get("packed_prompt")
         if packed is not None:
-            return self._packed_attention_backward(dout, q, k, v, out, lse, packed)
+            return self._packed_attention_backward(i, dout, q, k, v, out, lse, packed, ctx)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        return ops.prefix_attention_backward(
-            dout, q, k, v, pk, pv, out, lse, causal=self.config.causal, key_padding_mask=ctx.key_mask
-        )
+        grads = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask)
+        from_batch = ctx.extra.get("prompt_kv_from_batch")
+        if from_batch is not None:  # the prompt rows' own pass (_backward_shared_prompt with reduce)
+            grads[1][0] += from_batch[i, 0].astype(q.dtype)
+            grads[2][0] += from_batch[i, 1].astype(q.dtype)
+        return grads
 
     # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
     # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
@@ -193,15 +196,18 @@ class Transformer:
         out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
         return out, (lse_p, lse_b)
 
-    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed):
+    def _packed_attention_backward(self, i, dout, q, k, v, out, lse, packed, ctx):
         P, B, T, mask = packed
         (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
         empty = kp[0, :0]
-        dq_b, dk_b, dv_b, dpk, dpv = ops.prefix_attention_backward(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], causal=True,
-                                                                   key_padding_mask=mask)
+        dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True, mask)
         dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True)
-        dk_p[0] += dpk  # the prompt's keys and values also served every row of the batch
-        dv_p[0] += dpv
+        record = ctx.extra.get("prompt_kv_grad")
+        if record is not None:  # data parallelism: summed over all ranks' rows first (two passes)
+            record[i, 0], record[i, 1] = dpk, dpv
+        else:  # the prompt's keys and values also served every row of the batch
+            dk_p[0] += dpk.astype(dk_p.dtype)
+            dv_p[0] += dpv.astype(dv_p.dtype)
         join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
         empty_grad = np.zeros_like(empty)
         return join(dq_p, dq_b), join(dk_p, dk_b), join(dv_p, dv_b), empty_grad, empty_grad
@@ -262,25 +268,46 @@ class Transformer:
         if not keep_cache:
             return out
         return out, {"shared_prompt": True, "ctx": ctx, "P": P, "embed": embed_cache, "blocks": caches,
-                     "final": final_cache}
+                     "final": final_cache, "prompt_rows": rows[:, :P]}
 
-    def _backward_shared_prompt(self, dhidden, cache):
+    def _backward_shared_prompt(self, dhidden, cache, reduce=None):
+        """backward of _forward_shared_prompt. reduce (data parallelism, see `backward`): two passes,
+        all rows first, keeping what the prompt's keys/values get from the batch's rows, then, on
+        those reduced over all processes, the prompt rows alone."""
         ctx, P = cache["ctx"], cache["P"]
         _, B, T, _ = ctx.extra["packed_prompt"]
         if dhidden.shape[:2] not in ((B, T), (B, P + T)):
             raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {P + T}, C] after keep_virtual) like "
                              f"forward's output, got {dhidden.shape}")
-        C = dhidden.shape[2]
+        c, C = self.config, dhidden.shape[2]
         dh = np.zeros((1, P + B * T, C), dtype=dhidden.dtype)
-        if dhidden.shape[1] == P + T:  # keep_virtual: the prompt rows' gradient, summed over the batch
-            dh[0, :P] = dhidden[:, :P].sum(axis=0)
+        top = np.zeros((P, C))  # keep_virtual: the prompt rows' output gradient, summed over the batch
+        if dhidden.shape[1] == P + T:
+            top = dhidden[:, :P].sum(axis=0, dtype=np.float64)
+            dh[0, :P] = top
             dhidden = dhidden[:, P:]
         dh[0, P:] = dhidden.reshape(B * T, C)
+        if reduce is not None:
+            ctx.extra["prompt_kv_grad"] = np.zeros((c.num_layers, 2, P, c.num_kv_heads, c.head_dim))
         dh = self.final_backward(dh, cache["final"])
-        for i in reversed(range(self.config.num_layers)):
+        for i in reversed(range(c.num_layers)):
             dh, _, _ = self.block_backward(i, dh, cache["blocks"][i], ctx)
         dx = self.embed_backward(dh, cache["embed"], ctx)
-        return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
+        grads = {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
+        if reduce is None:
+            return grads
+        # The prompt rows' pass: their forward again (P rows: bitwise the packed rows), then their
+        # backward with the whole batch's part added in every layer, as the one-pass backward adds it.
+        kv = ctx.extra.pop("prompt_kv_grad")
+        flat = reduce(np.concatenate([kv.reshape(-1), top.reshape(-1)]))
+        ctx_p = Context(positions=np.arange(P)[None], key_mask=None, prefix=None,
+                        extra={"prompt_kv_from_batch": flat[:kv.size].reshape(kv.shape)})
+        _, embed_cache, caches, final_cache = self.run(cache["prompt_rows"], ctx_p, keep_cache=True)
+        dhp = self.final_backward(flat[kv.size:].reshape(1, P, C).astype(dh.dtype), final_cache)
+        for i in reversed(range(c.num_layers)):
+            dhp, _, _ = self.block_backward(i, dhp, caches[i], ctx_p)
+        grads["prompt"] = self.embed_backward(dhp, embed_cache, ctx_p)[0]
+        return grads
 
     def _as_rows(self, name, x):
         """x as a C-ordered [B, T, hidden_size] array in the model's dtype (the kernels take no
@@ -324,16 +351,23 @@ class Transformer:
         h, final_cache = self.final_forward(h)
         return h, embed_cache, caches, final_cache
 
-    def backward(self, dhidden, cache):
+    def backward(self, dhidden, cache, reduce_prompt=None):
         """Gradients of a scalar loss, given d loss / d hidden [B, T, C] (or [B, P+T, C] for a
         forward with keep_virtual) from `forward`.
 
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
-        [num_layers, 2, P, Hkv, D] (summed over the batch). The frozen weights get no gradient.
+        [num_layers, 2, P, Hkv, D] (summed over the batch; the prefix's in float64). The frozen
+        weights get no gradient.
+
+        reduce_prompt (data parallelism, only where `shares_prompt_rows`): a function that sums a
+        float64 vector over the processes that each hold part of the batch; it is called once.
+        The shared prompt rows' backward then runs on the whole batch's gradient, so "prompt" is
+        the whole batch's prompt gradient, the same on every process and the same bits one process
+        computes for the whole batch.
         """
         dhidden = self._as_rows("dhidden", dhidden)
         if cache.get("shared_prompt"):
-            return self._backward_shared_prompt(dhidden, cache)
+            return self._backward_shared_prompt(dhidden, cache, reduce_prompt)
         ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
         if kind == "prompt" and dhidden.shape[1] != cache["length"]:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
@@ -343,8 +377,8 @@ class Transformer:
             dh = dhidden
         dh = self.final_backward(dh, cache["final"])
         dprefix = None
-        if kind == "prefix":
-            dprefix = np.zeros_like(ctx.prefix)
+        if kind == "prefix":  # float64: the layers' sums over the batch, unrounded (see _attention_backward_rows)
+            dprefix = np.zeros(ctx.prefix.shape, dtype=np.float64)
         for i in reversed(range(self.config.num_layers)):
             dh, dpk, dpv = self.block_backward(i, dh, cache["blocks"][i], ctx)
             if dprefix is not None:
@@ -384,6 +418,20 @@ class Transformer:
         for name, value in list(self.__dict__.items()):
             if name not in ("config", "tokenizer"):
                 self.__dict__[name] = cast(value)
+
+
+def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask):
+    """The attention backward with a shared prefix's gradient summed over the batch in float64:
+    the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of float32
+    rows does not round (short of a 2^29 spread of magnitudes), so any split of the batch, over
+    micro-batches or MPI ranks, sums to the same bits. -> dq, dk, dv, dpk, dpv (float64)."""
+    B, P = q.shape[0], pk.shape[0]
+    if pk.ndim == 4 or P == 0:  # per-row or no prefix: nothing to sum
+        return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask)
+    rows = lambda a: np.broadcast_to(a, (B, *a.shape))  # noqa: E731
+    dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(dout, q, k, v, rows(pk), rows(pv), out, lse, causal=causal,
+                                                         key_padding_mask=mask)
+    return dq, dk, dv, dpk.sum(axis=0, dtype=np.float64), dpv.sum(axis=0, dtype=np.float64)
 
 
 def _is_prompt(adapter):
