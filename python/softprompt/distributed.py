@@ -72,7 +72,7 @@ class MPIWorld:
                 sys.stderr.flush()
                 self.abort(1)
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, 2e-4)
 
     def allreduce_sum(self, buf):
         buf = np.ascontiguousarray(buf, dtype=np.float64)

@@ -496,8 +496,8 @@ def step_gradients(task, adapter, micro, comm):
         raise ValueError("data: a step's batches have no target tokens")
     sums = {k: np.zeros(p.shape, dtype=np.float64) for k, p in params.items()}
     loss_sum, tokens = 0.0, 0
-    # Prompt tuning's shared prompt rows (models.base): their backward runs once per micro-batch, on
-    # the whole batch's part reduced inside the model's backward; every rank then holds the same
+    # Prompt tuning's shared prompt rows (models.base): their backward uses, layer by layer, what the
+    # whole batch gives them (reduced inside the model's backward), so every rank holds the same
     # prompt gradient, and one rank (the first with rows to add) adds it.
     shared = comm.size > 1 and task.model.shares_prompt_rows(adapter)
     for batch in micro:
@@ -505,7 +505,8 @@ def step_gradients(task, adapter, micro, comm):
         mine = parts[comm.rank]
         if not mine:  # no example (a batch smaller than the world) or no target token: nothing to add...
             if shared and any(parts):  # ...but the others' model backward reduces with this rank
-                comm.allreduce_sum(np.zeros(_shared_prompt_size(task.model, adapter)))
+                for n in task.model.shared_prompt_reductions(adapter):
+                    comm.allreduce_sum(np.zeros(n))
             continue
         # Padded to the global batch's length: each row then computes exactly as in one process.
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
@@ -523,14 +524,6 @@ def step_gradients(task, adapter, micro, comm):
         grads_sum[k] = flat[start:start + p.size].astype(p.dtype).reshape(p.shape)
         start += p.size
     return grads_sum, float(flat[-2]), int(flat[-1])
-
-
-def _shared_prompt_size(model, adapter):
-    """Length of the vector the shared prompt rows' backward reduces (Transformer.backward): what
-    the batch gives the prompt's keys and values in every layer, and the prompt rows' own output
-    gradient."""
-    c, P = model.config, adapter.num_virtual_tokens
-    return c.num_layers * 2 * P * c.num_kv_heads * c.head_dim + P * c.hidden_size
 
 
 def _quiet(*args, **kwargs):

@@ -173,12 +173,7 @@ class Transformer:
         if packed is not None:
             return self._packed_attention_backward(i, dout, q, k, v, out, lse, packed, ctx)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        grads = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask)
-        from_batch = ctx.extra.get("prompt_kv_from_batch")
-        if from_batch is not None:  # the prompt rows' own pass (_backward_shared_prompt with reduce)
-            grads[1][0] += from_batch[i, 0].astype(q.dtype)
-            grads[2][0] += from_batch[i, 1].astype(q.dtype)
-        return grads
+        return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask)
 
     # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
     # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
@@ -202,12 +197,11 @@ class Transformer:
         empty = kp[0, :0]
         dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True, mask)
         dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True)
-        record = ctx.extra.get("prompt_kv_grad")
-        if record is not None:  # data parallelism: summed over all ranks' rows first (two passes)
-            record[i, 0], record[i, 1] = dpk, dpv
-        else:  # the prompt's keys and values also served every row of the batch
-            dk_p[0] += dpk.astype(dk_p.dtype)
-            dv_p[0] += dpv.astype(dv_p.dtype)
+        reduce = ctx.extra.get("reduce_prompt_kv")
+        if reduce is not None:  # data parallelism: the batch's rows on every process
+            dpk, dpv = np.split(reduce(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
+        dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
+        dv_p[0] += dpv.reshape(dv_p.shape[1:]).astype(dv_p.dtype)  # served every row of the batch
         join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
         empty_grad = np.zeros_like(empty)
         return join(dq_p, dq_b), join(dk_p, dk_b), join(dv_p, dv_b), empty_grad, empty_grad
@@ -268,46 +262,33 @@ class Transformer:
         if not keep_cache:
             return out
         return out, {"shared_prompt": True, "ctx": ctx, "P": P, "embed": embed_cache, "blocks": caches,
-                     "final": final_cache, "prompt_rows": rows[:, :P]}
+                     "final": final_cache}
 
     def _backward_shared_prompt(self, dhidden, cache, reduce=None):
-        """backward of _forward_shared_prompt. reduce (data parallelism, see `backward`): two passes,
-        all rows first, keeping what the prompt's keys/values get from the batch's rows, then, on
-        those reduced over all processes, the prompt rows alone."""
+        """backward of _forward_shared_prompt. reduce (data parallelism, see `backward`): what the
+        prompt rows get from the batch's rows is summed over all processes before it is used."""
         ctx, P = cache["ctx"], cache["P"]
         _, B, T, _ = ctx.extra["packed_prompt"]
         if dhidden.shape[:2] not in ((B, T), (B, P + T)):
             raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {P + T}, C] after keep_virtual) like "
                              f"forward's output, got {dhidden.shape}")
-        c, C = self.config, dhidden.shape[2]
+        C = dhidden.shape[2]
         dh = np.zeros((1, P + B * T, C), dtype=dhidden.dtype)
         top = np.zeros((P, C))  # keep_virtual: the prompt rows' output gradient, summed over the batch
         if dhidden.shape[1] == P + T:
             top = dhidden[:, :P].sum(axis=0, dtype=np.float64)
-            dh[0, :P] = top
             dhidden = dhidden[:, P:]
-        dh[0, P:] = dhidden.reshape(B * T, C)
         if reduce is not None:
-            ctx.extra["prompt_kv_grad"] = np.zeros((c.num_layers, 2, P, c.num_kv_heads, c.head_dim))
+            top = reduce(top.reshape(-1)).reshape(P, C)
+            ctx.extra["reduce_prompt_kv"] = reduce
+        dh[0, :P] = top
+        dh[0, P:] = dhidden.reshape(B * T, C)
         dh = self.final_backward(dh, cache["final"])
-        for i in reversed(range(c.num_layers)):
+        for i in reversed(range(self.config.num_layers)):
             dh, _, _ = self.block_backward(i, dh, cache["blocks"][i], ctx)
+        ctx.extra.pop("reduce_prompt_kv", None)
         dx = self.embed_backward(dh, cache["embed"], ctx)
-        grads = {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
-        if reduce is None:
-            return grads
-        # The prompt rows' pass: their forward again (P rows: bitwise the packed rows), then their
-        # backward with the whole batch's part added in every layer, as the one-pass backward adds it.
-        kv = ctx.extra.pop("prompt_kv_grad")
-        flat = reduce(np.concatenate([kv.reshape(-1), top.reshape(-1)]))
-        ctx_p = Context(positions=np.arange(P)[None], key_mask=None, prefix=None,
-                        extra={"prompt_kv_from_batch": flat[:kv.size].reshape(kv.shape)})
-        _, embed_cache, caches, final_cache = self.run(cache["prompt_rows"], ctx_p, keep_cache=True)
-        dhp = self.final_backward(flat[kv.size:].reshape(1, P, C).astype(dh.dtype), final_cache)
-        for i in reversed(range(c.num_layers)):
-            dhp, _, _ = self.block_backward(i, dhp, caches[i], ctx_p)
-        grads["prompt"] = self.embed_backward(dhp, embed_cache, ctx_p)[0]
-        return grads
+        return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
 
     def _as_rows(self, name, x):
         """x as a C-ordered [B, T, hidden_size] array in the model's dtype (the kernels take no
@@ -319,6 +300,13 @@ class Transformer:
         if x.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")
         return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def shared_prompt_reductions(self, adapter):
+        """The vector lengths backward's reduce_prompt sums, in call order: the prompt rows' output
+        gradient, then each layer's prompt key and value gradients (a process with no rows of its
+        own makes the same calls with zeros)."""
+        c, P = self.config, adapter.num_virtual_tokens
+        return [P * c.hidden_size] + [2 * P * c.num_kv_heads * c.head_dim] * c.num_layers
 
     def shares_prompt_rows(self, adapter):
         """Whether forward runs adapter's prompt rows once for the batch (see share_prompt_rows)."""
@@ -360,9 +348,10 @@ class Transformer:
         weights get no gradient.
 
         reduce_prompt (data parallelism, only where `shares_prompt_rows`): a function that sums a
-        float64 vector over the processes that each hold part of the batch; it is called once.
-        The shared prompt rows' backward then runs on the whole batch's gradient, so "prompt" is
-        the whole batch's prompt gradient, the same on every process and the same bits one process
+        float64 vector over the processes that each hold part of the batch. It is called 1 +
+        num_layers times (see `shared_prompt_reductions`): the shared prompt rows' backward then
+        uses, in every layer, what the whole batch gives their keys and values, so "prompt" is the
+        whole batch's prompt gradient, the same on every process and the same bits one process
         computes for the whole batch.
         """
         dhidden = self._as_rows("dhidden", dhidden)
