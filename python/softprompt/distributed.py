@@ -4,8 +4,9 @@
 from the launcher's environment) with more than one process it is `MPIWorld`, which imports mpi4py;
 otherwise `SingleProcess`, and nothing MPI-related is imported. Only these operations are used:
 
-- `allreduce_sum(buf)`: float64 vector, summed over ranks (one call per optimizer step: the adapter's
-  gradient, the loss and the counts packed into one buffer). It waits with a deadline: when a rank
+- `allreduce_sum(buf)`: float64 vector, summed over ranks (once per optimizer step: the adapter's
+  gradient, the loss and the counts packed into one buffer; prompt tuning's shared prompt rows add
+  1 + num_layers small ones per micro-batch inside the model's backward). It waits with a deadline: when a rank
   died or hangs, the ranks still waiting print a message and abort the job, never a silent hang.
 - `bcast(obj)`: rank 0's Python object to every rank (a resumed checkpoint's state).
 - `agree(error)`: every rank's setup outcome; if any rank failed (a data file it cannot read, a

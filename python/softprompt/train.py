@@ -220,12 +220,13 @@ class Task:
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
 
-    def loss_and_grads(self, adapter, batch, length=None, total=None, reduce_prompt=None):
+    def loss_and_grads(self, adapter, batch, length=None, total=None, reduce_prompt=None, raw=False):
         """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
         `weight` items (examples for classification, target tokens for generation), or, with
         total, their sum divided by total (a shard of a bigger batch: each of its rows then gets
         the exact gradient it has in the whole batch). length: pad to at least this many tokens.
-        reduce_prompt: see Transformer.backward."""
+        reduce_prompt: see Transformer.backward. raw: the model's gradient of the prompt or prefix
+        itself ({"prompt"} or {"prefix"}), before the adapter maps it to its parameters."""
         ids, mask = data_mod.pad_batch(batch, length=length)
         hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
@@ -237,7 +238,8 @@ class Task:
             targets, loss_mask = _next_token_targets(ids, mask, batch)
             loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask, total)
             weight = int(loss_mask.sum())
-        grads = adapter.gradients(self.model.backward(dh, cache, reduce_prompt))
+        grads = self.model.backward(dh, cache, reduce_prompt)
+        grads = {k: grads[k] for k in ("prompt", "prefix") if k in grads} if raw else adapter.gradients(grads)
         return loss, grads, int(mask.sum()), weight
 
     def weight(self, e):
@@ -494,7 +496,12 @@ def step_gradients(task, adapter, micro, comm):
     weight_sum = sum(task.weight(task.train[i]) for batch in micro for i in batch)
     if weight_sum == 0:
         raise ValueError("data: a step's batches have no target tokens")
-    sums = {k: np.zeros(p.shape, dtype=np.float64) for k, p in params.items()}
+    # The model's gradient of the prompt or prefix is summed (over micro-batches and ranks) before
+    # the adapter maps it to its parameters (PrefixProjection's MLP), so the map runs once, on the
+    # same sum everywhere.
+    name = "prompt" if adapter.kind == "prompt" else "prefix"
+    shape = adapter.prompt_matrix().shape if name == "prompt" else adapter.prefix_matrix().shape
+    total = np.zeros(shape, dtype=np.float64)
     loss_sum, tokens = 0.0, 0
     # Prompt tuning's shared prompt rows (models.base): their backward uses, layer by layer, what the
     # whole batch gives them (reduced inside the model's backward), so every rank holds the same
@@ -511,18 +518,14 @@ def step_gradients(task, adapter, micro, comm):
         # Padded to the global batch's length: each row then computes exactly as in one process.
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
         loss, grads, n, _ = task.loss_and_grads(adapter, [task.train[i] for i in mine], length, weight_sum,
-                                                comm.allreduce_sum if shared else None)
+                                                comm.allreduce_sum if shared else None, raw=True)
         if not shared or comm.rank == next(r for r, part in enumerate(parts) if part):
-            for k, g in grads.items():
-                sums[k] += g
+            total += grads[name]
         loss_sum += loss
         tokens += n
-    flat = np.concatenate([v.reshape(-1) for v in sums.values()] + [np.array([loss_sum, tokens])])
-    flat = comm.allreduce_sum(flat)
-    grads_sum, start = {}, 0
-    for k, p in params.items():
-        grads_sum[k] = flat[start:start + p.size].astype(p.dtype).reshape(p.shape)
-        start += p.size
+    flat = comm.allreduce_sum(np.concatenate([total.reshape(-1), [loss_sum, tokens]]))
+    mapped = adapter.gradients({name: flat[:-2].reshape(shape).astype(params[next(iter(params))].dtype)})
+    grads_sum = {k: np.asarray(g, dtype=params[k].dtype).reshape(params[k].shape) for k, g in mapped.items()}
     return grads_sum, float(flat[-2]), int(flat[-1])
 
 

@@ -344,8 +344,8 @@ class Transformer:
         forward with keep_virtual) from `forward`.
 
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
-        [num_layers, 2, P, Hkv, D] (summed over the batch; the prefix's in float64). The frozen
-        weights get no gradient.
+        [num_layers, 2, P, Hkv, D] (summed over the batch, mostly in float64: see
+        _attention_backward_rows). The frozen weights get no gradient.
 
         reduce_prompt (data parallelism, only where `shares_prompt_rows`): a function that sums a
         float64 vector over the processes that each hold part of the batch. It is called 1 +
@@ -357,6 +357,8 @@ class Transformer:
         dhidden = self._as_rows("dhidden", dhidden)
         if cache.get("shared_prompt"):
             return self._backward_shared_prompt(dhidden, cache, reduce_prompt)
+        if reduce_prompt is not None:  # the caller's other processes would wait for these reductions
+            raise ValueError("reduce_prompt: this forward did not share the prompt rows (see shares_prompt_rows)")
         ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
         if kind == "prompt" and dhidden.shape[1] != cache["length"]:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
@@ -374,8 +376,9 @@ class Transformer:
                 dprefix[i, 0], dprefix[i, 1] = dpk, dpv
         dx = self.embed_backward(dh, cache["embed"], ctx)
         grads = {}
-        if kind == "prompt":
-            grads["prompt"], dx = ops.prepend_backward(dx, P)
+        if kind == "prompt":  # per row, summed in float64 like the prefix (_attention_backward_rows)
+            rows, dx = ops.prepend_backward(dx, P, shared=False)
+            grads["prompt"] = rows.sum(axis=0, dtype=np.float64)
         elif kind == "prefix":
             grads["prefix"] = dprefix
         grads["inputs_embeds"] = dx
@@ -411,9 +414,11 @@ class Transformer:
 
 def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask):
     """The attention backward with a shared prefix's gradient summed over the batch in float64:
-    the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of float32
-    rows does not round (short of a 2^29 spread of magnitudes), so any split of the batch, over
-    micro-batches or MPI ranks, sums to the same bits. -> dq, dk, dv, dpk, dpv (float64)."""
+    the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of n
+    float32 rows does not round unless their magnitudes span more than about 2^(29 - log2 n), so
+    any split of the batch, over micro-batches or MPI ranks, practically always sums to the same
+    bits (and otherwise differs by one float64 ulp, which the float32 cast nearly always hides).
+    -> dq, dk, dv, dpk, dpv (float64)."""
     B, P = q.shape[0], pk.shape[0]
     if pk.ndim == 4 or P == 0:  # per-row or no prefix: nothing to sum
         return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask)
