@@ -129,12 +129,15 @@ from softprompt import data as data_mod
 from softprompt.distributed import SingleProcess, world
 from softprompt.train import Task, TrainConfig, make_adapter, step_gradients
 softprompt.set_num_threads(1)
-folder, data_file, method = sys.argv[1:4]
+folder, data_file, method, sizes = sys.argv[1:5]
 model = softprompt.load_model(folder)
 task = Task(model, data_mod.load_file(data_file))
 task.train[3] = task.train[3].__class__(**{**task.train[3].__dict__, "ids": task.train[3].ids[:-2]})  # ragged
 adapter = make_adapter(model, TrainConfig(method=method, init="random").resolved(), task.label_ids)
-micro = [list(range(17)), list(range(17, 33))]  # two micro-batches: 17 and 16 examples (8+9 and 8+8 per rank)
+micro, start = [], 0
+for n in map(int, sizes.split(",")):  # accumulated micro-batches of these sizes
+    micro.append(list(range(start, start + n)))
+    start += n
 w = world()
 grads, loss, tokens = step_gradients(task, adapter, micro, w)
 if w.rank == 0:
@@ -148,15 +151,17 @@ if w.rank == 0:
 
 @needs_mpi
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_two_ranks_compute_the_one_process_gradient(tiny, method):
-    """One step's gradient (two accumulated micro-batches of 17 and 16 examples, split 8+9 and 8+8,
-    one shorter example) on 2 ranks is bitwise the one-process gradient: every row's forward and
+@pytest.mark.parametrize("sizes", ["17,16", "1,9"])
+def test_two_ranks_compute_the_one_process_gradient(tiny, method, sizes):
+    """One step's gradient (two accumulated micro-batches: 17 and 16 examples, split 8+9 and 8+8,
+    one shorter example; or 1 and 9, where rank 0 has no row of the first and only takes part in
+    the reductions) on 2 ranks is bitwise the one-process gradient: every row's forward and
     backward is the one-process row (same padding, the global loss scale, products big enough for
     OpenBLAS's row-exact kernels), the adapter's sums over rows are float64 sums of float32 rows
     (which do not round, so their order does not matter), and the shared prompt rows' backward runs
     on the reduced sums."""
     folder, _, _, data_file = tiny
-    out = _run(["-c", GRADIENT, str(folder), str(data_file), method], ranks=2)
+    out = _run(["-c", GRADIENT, str(folder), str(data_file), method, sizes], ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
     assert float(next(x for x in lines if x.startswith("LOSS")).split()[1]) < 1e-12
