@@ -24,7 +24,7 @@ _wait_policy_set = "OMP_WAIT_POLICY" not in _os.environ
 if _wait_policy_set:
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
-    from . import _core  # noqa: E402
+    from . import _core  # noqa: E402, F401  (loaded here, under the wait policy)
 finally:
     if _wait_policy_set:
         del _os.environ["OMP_WAIT_POLICY"]
