@@ -66,7 +66,7 @@ def run_ours(args):
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
-    model = softprompt.load_model()
+    model = softprompt.load_model(keep_quantized=args.weights == "quantized")
     rss_model = peak_rss_mb()
     adapter = _adapter(model, args.method)
     adapter.save_pretrained(args.adapter_dir)  # the PEFT side starts from the same arrays
@@ -168,7 +168,7 @@ def child(args):
 
 def spawn(side, method, loss, args, adapter_dir):
     cmd = [sys.executable, __file__, "--child", side, "--method", method, "--loss", loss, "--threads",
-           str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--adapter-dir", adapter_dir]
+           str(args.threads), "--weights", args.weights, "--steps", str(args.steps), "--warmup", str(args.warmup), "--adapter-dir", adapter_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -205,6 +205,8 @@ def main():
     ap.add_argument("--methods", default="prompt,prefix")
     ap.add_argument("--losses", default="lm,label")
     ap.add_argument("--no-peft", action="store_true", help="softprompt only")
+    ap.add_argument("--weights", choices=["quantized", "float"], default="quantized",
+                    help="ours: keep the GGUF's Q4_1 layers quantized (default) or expand them to float32")
     ap.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--loss", help=argparse.SUPPRESS)

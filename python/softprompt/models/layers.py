@@ -12,21 +12,51 @@ import math
 import numpy as np
 
 from .. import _core, ops
+from .quant import QuantizedWeight
 
 
 # --------------------------------------------------------------------------- linear
 def linear(x, w, b=None):
-    """x [..., in], w [out, in], b [out] -> [..., out]."""
+    """x [..., in], w [out, in] (an array or a QuantizedWeight), b [out] -> [..., out]."""
     # One 2-D GEMM: NumPy runs [B, T, in] @ [in, out] as B small GEMMs, up to 10x slower here.
-    y = x.reshape(-1, x.shape[-1]) @ w.T
-    if b is not None:
-        y += b
+    x2 = x.reshape(-1, x.shape[-1])
+    if _core_gemm(x2, w):
+        y = _core.linear_forward(np.ascontiguousarray(x2), *_weight_args(w), b)
+    else:
+        y = x2 @ _values(w, x.dtype).T
+        if b is not None:
+            y += b
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def linear_backward(dy, w):
     """dy [..., out] -> dx [..., in]  (no weight gradient: the model is frozen)."""
-    return (dy.reshape(-1, dy.shape[-1]) @ w).reshape(*dy.shape[:-1], w.shape[1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    if _core_gemm(dy2, w):
+        dx = _core.linear_backward(np.ascontiguousarray(dy2), *_weight_args(w))
+    else:
+        dx = dy2 @ _values(w, dy.dtype)
+    return dx.reshape(*dy.shape[:-1], w.shape[1])
+
+
+# Float32 goes through the C++ GEMM (cpp/linear.cpp) on softprompt's OpenMP threads, so a step's
+# GEMMs and its other kernels share one thread pool: alternating between OpenMP's and NumPy's BLAS
+# threads made each pool's threads wait on the other's for a core (up to 2x slower GEMMs here).
+# float64 (gradient checks) and the "numpy" backend use NumPy.
+def _core_gemm(x2, w):
+    if x2.dtype != np.float32 or not _cpp() or not hasattr(_core, "linear_forward"):
+        return False
+    return isinstance(w, QuantizedWeight) or (w.dtype == np.float32 and w.flags.c_contiguous)
+
+
+def _weight_args(w):
+    if isinstance(w, QuantizedWeight):
+        return w.blocks, w.code, w.shape[1]
+    return w, 0, w.shape[1]
+
+
+def _values(w, dtype):
+    return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
 
 
 # --------------------------------------------------------------------------- norms

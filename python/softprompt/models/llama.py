@@ -10,6 +10,7 @@ import numpy as np
 
 from . import layers as nn
 from .base import ModelConfig, Transformer
+from .quant import QuantizedWeight
 
 
 class Llama(Transformer):
@@ -100,7 +101,7 @@ def _fuse(w, refuse=False):
                          ("gate_up", ("gate", "up"))):
         if not all(p in w for p in parts) or (fused in w and not refuse):
             continue
-        stacked = np.ascontiguousarray(np.concatenate([w[p] for p in parts], axis=0))
+        stacked = _stack([w[p] for p in parts])
         w[fused] = stacked
         start = 0
         for p in parts:
@@ -108,3 +109,10 @@ def _fuse(w, refuse=False):
             w[p] = stacked[start:start + n]
             start += n
     return w
+
+
+def _stack(parts):
+    """Row-stacks weights: quantized ones of one format stay quantized, others become float."""
+    if all(isinstance(p, QuantizedWeight) for p in parts) and len({p.format for p in parts}) == 1:
+        return QuantizedWeight.concatenate(parts)
+    return np.ascontiguousarray(np.concatenate([np.asarray(p) for p in parts], axis=0))

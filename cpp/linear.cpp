@@ -1,0 +1,115 @@
+// Frozen linear layers as one GEMM each: C[M, N] = A[M, K] B[K, N] with B packed, 64 columns at a
+// time, into a [K, 64] panel per thread (forward: B = W^T, backward: B = W), dequantized on the
+// way when W is quantized. The micro-kernel and the tile loop are simd.h's; the panel stays in L2
+// while every row of A passes over it.
+#include "linear.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "simd.h"
+#include "threads.h"
+
+namespace softprompt {
+namespace {
+
+constexpr int64_t kPanel = 64;        // B columns per panel (a multiple of 32: whole quantized blocks)
+constexpr int64_t kMaxDepth = 3072;   // rows of B per packed block (768 KB; a multiple of 32)
+
+// dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
+// scratch: 64 * kc floats.
+void pack_transposed(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst,
+                     std::vector<float>& scratch) {
+  const float* src = reinterpret_cast<const float*>(w.data) + n0 * w.cols + k0;
+  int64_t lds = w.cols;
+  if (w.format != WeightFormat::f32) {
+    scratch.resize(size_t(kPanel * kc));
+    for (int64_t j = 0; j < width; ++j) dequantize_row(w, n0 + j, k0, kc, scratch.data() + j * kc);
+    src = scratch.data(), lds = kc;
+  }
+  simd::transpose<float>(src, lds, dst, kPanel, width, kc, 1.0f);
+  if (width < kPanel)
+    for (int64_t k = 0; k < kc; ++k) std::fill(dst + k * kPanel + width, dst + (k + 1) * kPanel, 0.0f);
+}
+
+// dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W, zero beyond width.
+void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    float* d = dst + k * kPanel;
+    dequantize_row(w, k0 + k, n0, width, d);
+    std::fill(d + width, d + kPanel, 0.0f);
+  }
+}
+
+// C[M, N] = A[M, K] B[K, N] (+ bias [N]); pack(n0, width, k0, kc, dst, scratch) fills a [kc, 64]
+// block of B's panel at columns n0. Every row of C is summed in the same k order whatever M and
+// the thread count, so a row's result does not depend on which rows come with it.
+template <typename Pack>
+void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float* bias, Pack pack) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
+  // Panels that split unevenly over the threads: split the rows instead (each thread then packs
+  // every panel, ~1/M of the work more).
+  const int64_t row_tiles = (M + simd::kTileRows - 1) / simd::kTileRows;
+  const bool even = panels % nt == 0 || panels >= 8 * nt;
+  const int64_t chunks = even ? 1 : std::min<int64_t>(nt, row_tiles);
+  const int64_t chunk_rows = (row_tiles + chunks - 1) / chunks * simd::kTileRows;
+  const int64_t items = chunks * panels;
+  const int64_t kc_max = kMaxDepth;  // a [kc, 64] block stays in L2 (the LM head's K is the vocabulary)
+#pragma omp parallel num_threads(nt)
+  {
+    thread_local std::vector<float> panel, scratch, edge;
+    panel.resize(size_t(std::min(K, kc_max) * kPanel));
+    int64_t begin = 0, end = items;
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    begin = items * t / T, end = items * (t + 1) / T;
+#endif
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item % panels, m0 = item / panels * chunk_rows;
+      const int64_t rows = std::min(M, m0 + chunk_rows) - m0;
+      if (rows <= 0) continue;
+      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
+      float* c = C + m0 * N + n0;
+      int64_t ldc = N;
+      if (width < kPanel) {  // a ragged last panel: compute into a full-width buffer, copy the columns
+        edge.resize(size_t(rows * kPanel));
+        c = edge.data(), ldc = kPanel;
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        pack(n0, width, k0, kc, panel.data(), scratch);
+        simd::matmul<float>(rows, kPanel / simd::kLanes<float>, kc, A + m0 * K + k0, K, 1, panel.data(), kPanel,
+                            c, ldc, k0 > 0);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* out = C + (m0 + r) * N + n0;
+        if (width < kPanel) std::memcpy(out, c + r * kPanel, width * sizeof(float));
+        if (bias)
+          for (int64_t j = 0; j < width; ++j) out[j] += bias[n0 + j];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void linear_forward(int64_t M, const float* x, const Weight& w, const float* bias, float* y) {
+  gemm(M, w.cols, w.rows, x, y, bias,
+       [&](int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst, std::vector<float>& s) {
+         pack_transposed(w, n0, width, k0, kc, dst, s);
+       });
+}
+
+void linear_backward(int64_t M, const float* dy, const Weight& w, float* dx) {
+  gemm(M, w.rows, w.cols, dy, dx, nullptr,
+       [&](int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst, std::vector<float>&) {
+         pack_rows(w, n0, width, k0, kc, dst);
+       });
+}
+
+}  // namespace softprompt

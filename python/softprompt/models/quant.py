@@ -1,0 +1,99 @@
+"""Frozen weights kept in a GGUF block-quantized format (Q4_1, Q8_0) instead of float32.
+
+A SmolLM2 GGUF stores its linear layers as Q4_1: 20 bytes per 32 weights, 0.625 bytes a weight
+instead of 4. `QuantizedWeight` keeps those bytes; the C++ GEMM (cpp/linear.cpp) dequantizes them
+into its packed panels, so the layer is never expanded in memory. The values are exactly the
+float32 ones `gguf.quants.dequantize` gives (d * q and + m rounded separately), so a model gives
+the same numbers either way, up to the summation order of the GEMM.
+
+Block layouts (32 weights along a row, the input dimension):
+  q4_1: fp16 d, fp16 m, 16 bytes of nibbles: w[j] = d * (b[j] & 15) + m, w[16 + j] = d * (b[j] >> 4) + m
+  q8_0: fp16 d, 32 int8: w[j] = d * b[j]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 32
+FORMATS = {"q4_1": (1, 20), "q8_0": (2, 34)}  # name -> (code in _core, bytes per block)
+
+
+class QuantizedWeight:
+    """A frozen weight W [rows, cols] (out, in) as raw blocks: uint8 [rows, cols / 32 * block bytes].
+
+    Row slices (`w[a:b]`) are views, like NumPy's, with `.base` the weight they view, so stacking
+    q/k/v keeps one copy. `dequantize()` gives the float array; `np.asarray(w)` does too."""
+
+    __slots__ = ("blocks", "format", "shape", "base")
+    ndim = 2
+
+    def __init__(self, blocks, format, cols, base=None):
+        if format not in FORMATS:
+            raise ValueError(f"format: expected one of {sorted(FORMATS)}, got {format!r}")
+        if not isinstance(cols, (int, np.integer)) or cols < BLOCK or cols % BLOCK:
+            raise ValueError(f"cols: expected a positive multiple of {BLOCK}, got {cols!r}")
+        blocks = np.asarray(blocks)
+        row_bytes = cols // BLOCK * FORMATS[format][1]
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != row_bytes:
+            raise ValueError(f"blocks: expected uint8 [rows, {row_bytes}] for {format} with {cols} columns, "
+                             f"got {blocks.dtype} {blocks.shape}")
+        self.blocks = np.ascontiguousarray(blocks)
+        self.format = format
+        self.shape = (blocks.shape[0], int(cols))
+        self.base = base
+
+    code = property(lambda self: FORMATS[self.format][0])
+    dtype = property(lambda self: np.dtype(np.float32))  # the dtype of the values
+    size = property(lambda self: self.shape[0] * self.shape[1])
+    nbytes = property(lambda self: self.blocks.nbytes)
+
+    def __repr__(self):
+        return f"QuantizedWeight({self.format}, shape={self.shape})"
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"rows: a QuantizedWeight takes contiguous row slices, got {rows!r}")
+        return QuantizedWeight(self.blocks[rows], self.format, self.shape[1], base=self)
+
+    def take_rows(self, order):
+        """A new weight with rows reordered: W[order]."""
+        return QuantizedWeight(self.blocks[np.asarray(order)], self.format, self.shape[1])
+
+    @staticmethod
+    def concatenate(parts):
+        """Stacks weights of one format along rows (a new weight)."""
+        fmt = parts[0].format
+        if any(p.format != fmt or p.shape[1] != parts[0].shape[1] for p in parts):
+            raise ValueError("parts: expected one format and one column count, got "
+                             + ", ".join(f"{p.format} {p.shape}" for p in parts))
+        return QuantizedWeight(np.concatenate([p.blocks for p in parts]), fmt, parts[0].shape[1])
+
+    def dequantize(self, dtype=np.float32):
+        """The float values [rows, cols]: the C++ core's dequantizer, or its NumPy twin below."""
+        from .. import _core, ops
+
+        if ops.get_backend() == "cpp":
+            out = _core.dequantize(self.blocks, self.code, self.shape[1])
+        else:
+            out = dequantize_blocks(self.blocks, self.format, self.shape[1])
+        return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
+
+    astype = dequantize
+
+    def __array__(self, dtype=None, copy=None):
+        return self.dequantize(np.float32 if dtype is None else dtype)
+
+
+def dequantize_blocks(blocks, format, cols):
+    """NumPy twin of cpp/quant.cpp: uint8 [rows, cols / 32 * block bytes] -> float32 [rows, cols]."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, cols // BLOCK, FORMATS[format][1])
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, blocks, 1]
+    if format == "q4_1":
+        m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+        q = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).astype(np.float32)
+        out = d * q + m  # two roundings, as gguf's dequantizer (NumPy never fuses them)
+    else:
+        out = b[..., 2:].view(np.int8).astype(np.float32) * d
+    return out.reshape(rows, cols)

@@ -1,0 +1,202 @@
+"""Frozen linear layers in the C++ core (cpp/linear.cpp, cpp/quant.cpp) and quantized weights
+(models/quant.py): dequantization bitwise against gguf's own dequantizer, the GEMM against a
+float64 NumPy product, row and thread invariance, bad input, and a tiny quantized Llama against
+the same model expanded to float64."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+import softprompt
+from softprompt import PrefixTuning, PromptTuning, _core, heads, ops
+from softprompt.models import layers as nn
+from softprompt.models.quant import FORMATS, QuantizedWeight, dequantize_blocks
+
+needs_gemm = pytest.mark.skipif(not hasattr(_core, "linear_forward"),
+                                reason="the C++ GEMM needs a GCC/Clang build (vector extensions)")
+GGUF_TYPE = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+
+
+def random_blocks(rng, rows, cols, fmt, special=False):
+    """Random blocks of `fmt` with realistic scales (and, with special, zero/subnormal/negative ones)."""
+    nb, size = cols // 32, FORMATS[fmt][1]
+    b = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
+    d = rng.uniform(0.001, 0.05, (rows, nb)).astype(np.float16)
+    if special:
+        d.flat[::7] = np.float16(3e-6)  # subnormal half
+        d.flat[1::7] = 0
+        d.flat[2::7] *= -1
+    b[..., 0:2] = d.view(np.uint8).reshape(rows, nb, 2)
+    if fmt == "q4_1":
+        b[..., 2:4] = rng.uniform(-0.4, 0.1, (rows, nb)).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    return b.reshape(rows, nb * size)
+
+
+def quantized(rng, rows, cols, fmt="q4_1"):
+    return QuantizedWeight(random_blocks(rng, rows, cols, fmt), fmt, cols)
+
+
+# --------------------------------------------------------------------------- dequantization
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_dequantize_is_bitwise_gguf(fmt, rng):
+    blocks = random_blocks(rng, 37, 96, fmt, special=True)
+    ref = gguf.quants.dequantize(blocks, GGUF_TYPE[fmt]).reshape(37, 96).astype(np.float32)
+    for ours in (_core.dequantize(blocks, FORMATS[fmt][0], 96), dequantize_blocks(blocks, fmt, 96)):
+        assert ours.dtype == np.float32 and ours.shape == (37, 96)
+        assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_quantized_weight_views_stacking_and_values(rng):
+    w = quantized(rng, 10, 64)
+    full = np.asarray(w)
+    assert full.shape == (10, 64) and full.dtype == np.float32 and w.size == 640
+    part = w[2:5]
+    assert part.base is w and part.shape == (3, 64) and np.shares_memory(part.blocks, w.blocks)
+    np.testing.assert_array_equal(np.asarray(part), full[2:5])
+    np.testing.assert_array_equal(np.asarray(w.take_rows([3, 0, 9])), full[[3, 0, 9]])
+    both = QuantizedWeight.concatenate([w, w[:4]])
+    np.testing.assert_array_equal(np.asarray(both), np.concatenate([full, full[:4]]))
+    assert w.astype(np.float64).dtype == np.float64
+    with ops.use_backend("numpy"):
+        np.testing.assert_array_equal(w.dequantize(), full)
+
+
+def test_quantized_weight_rejects_bad_input(rng):
+    with pytest.raises(ValueError, match="format"):
+        QuantizedWeight(np.zeros((2, 20), np.uint8), "q5_k", 32)
+    with pytest.raises(ValueError, match="cols"):
+        QuantizedWeight(np.zeros((2, 20), np.uint8), "q4_1", 48)
+    with pytest.raises(ValueError, match=r"blocks: expected uint8 \[rows, 40\]"):
+        QuantizedWeight(np.zeros((2, 20), np.uint8), "q4_1", 64)
+    with pytest.raises(TypeError, match="row slices"):
+        quantized(rng, 4, 32)[[0, 1]]
+    with pytest.raises(ValueError, match="one format"):
+        QuantizedWeight.concatenate([quantized(rng, 2, 32), quantized(rng, 2, 32, "q8_0")])
+
+
+# --------------------------------------------------------------------------- the GEMM
+def _reference(x, w, b=None):
+    y = x.astype(np.float64) @ np.asarray(w).astype(np.float64).T
+    return y if b is None else y + b
+
+
+@needs_gemm
+@pytest.mark.parametrize("fmt,M,rows,cols", [
+    (fmt, *shape) for fmt in ("f32", "q4_1", "q8_0")
+    for shape in [(1, 1, 32), (5, 17, 64), (7, 64, 96), (13, 65, 128), (100, 130, 576), (3, 8, 3200), (9, 3200, 64)]
+] + [("f32", 6, 70, 33), ("f32", 2, 3, 1)])  # float32 rows of any length; quantized ones are whole blocks
+def test_linear_matches_float64(fmt, M, rows, cols, rng):
+    w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.1) if fmt == "f32" else quantized(rng, rows, cols, fmt)
+    x = rng.standard_normal((M, cols), dtype=np.float32)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    dy = rng.standard_normal((M, rows), dtype=np.float32)
+    wf = np.asarray(w).astype(np.float64)
+    tol = dict(rtol=1e-4, atol=2e-5 * np.sqrt(max(rows, cols)))
+    with ops.use_backend("cpp"):
+        y, yb, dx = nn.linear(x, w), nn.linear(x, w, b), nn.linear_backward(dy, w)
+    assert y.dtype == dx.dtype == np.float32 and y.shape == (M, rows) and dx.shape == (M, cols)
+    np.testing.assert_allclose(y, _reference(x, wf), **tol)
+    np.testing.assert_allclose(yb, _reference(x, wf, b), **tol)
+    np.testing.assert_allclose(dx, dy.astype(np.float64) @ wf, **tol)
+    with ops.use_backend("numpy"):  # the twin takes the same weights
+        np.testing.assert_allclose(nn.linear(x, w, b), yb, **tol)
+        np.testing.assert_allclose(nn.linear_backward(dy, w), dx, **tol)
+
+
+@needs_gemm
+@pytest.mark.parametrize("fmt", ["f32", "q4_1"])
+def test_linear_rows_do_not_depend_on_their_batch_or_the_threads(fmt, rng):
+    """Each row is summed in one fixed order: a shard of rows gets bitwise the rows of the whole
+    batch (what makes MPI data parallelism exact), on any number of threads."""
+    rows, cols = 200, 576
+    w = rng.standard_normal((rows, cols), dtype=np.float32) if fmt == "f32" else quantized(rng, rows, cols)
+    x = rng.standard_normal((61, cols), dtype=np.float32)
+    dy = rng.standard_normal((61, rows), dtype=np.float32)
+    y, dx = nn.linear(x, w), nn.linear_backward(dy, w)
+    for part in (slice(0, 1), slice(5, 12), slice(13, 61)):
+        assert np.array_equal(nn.linear(x[part], w), y[part])
+        assert np.array_equal(nn.linear_backward(dy[part], w), dx[part])
+    threads = softprompt.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            softprompt.set_num_threads(n)
+            assert np.array_equal(nn.linear(x, w), y) and np.array_equal(nn.linear_backward(dy, w), dx)
+    finally:
+        softprompt.set_num_threads(threads)
+
+
+@needs_gemm
+def test_core_linear_rejects_bad_input(rng):
+    w = quantized(rng, 8, 64)
+    x = rng.standard_normal((3, 64), dtype=np.float32)
+    with pytest.raises(TypeError):
+        _core.linear_forward(x.astype(np.float64), w.blocks, 1, 64)  # no silent cast
+    with pytest.raises(ValueError, match=r"x: expected shape \(3, 64\), got \(3, 32\)"):
+        _core.linear_forward(x[:, :32].copy(), w.blocks, 1, 64)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8, 60\), got \(8, 40\)"):
+        _core.linear_forward(x, w.blocks, 1, 32 * 3)
+    with pytest.raises(ValueError, match="format"):
+        _core.linear_forward(x, w.blocks, 7, 64)
+    with pytest.raises(TypeError, match="weight: expected float32"):
+        _core.linear_forward(x, w.blocks, 0, 64)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.linear_forward(x, np.zeros((64, 8), np.float32).T, 0, 64)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\)"):
+        _core.linear_forward(x, w.blocks, 1, 64, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"dy: expected shape \(3, 8\)"):
+        _core.linear_backward(np.zeros((3, 9), np.float32), w.blocks, 1, 64)
+    with pytest.raises(ValueError, match="cols"):
+        _core.dequantize(w.blocks, 1, 40)
+
+
+# --------------------------------------------------------------------------- a quantized model
+def _quantize_layers(model, rng):
+    """The tiny model with every linear weight replaced by random Q4_1 blocks (re-stacked as the
+    loader does) -> (quantized model, the same values as a float64 model)."""
+    from softprompt.models.llama import _fuse
+
+    layers = []
+    for w in model.layers:
+        w = {k: v for k, v in w.items() if k not in ("qkv", "gate_up", "qkv_bias")}
+        for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            w[name] = quantized(rng, *w[name].shape)
+        layers.append(_fuse(w))
+    model.layers = layers
+    return model, model.astype(np.float64)
+
+
+@needs_gemm
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_quantized_model_matches_its_float64_twin(kind, tiny, rng):
+    model = tiny[1]  # a Llama with hidden 64, intermediate 128: whole 32-weight blocks
+    qmodel, ref = _quantize_layers(_copy(model), rng)
+    assert isinstance(qmodel.layers[0]["qkv"], QuantizedWeight) and qmodel.layers[0]["q"].base is qmodel.layers[0]["qkv"]
+    assert qmodel.num_parameters() == model.num_parameters()
+    C, L = model.config.hidden_size, model.config.num_layers
+    Hkv, D = model.config.num_kv_heads, model.config.head_dim
+    adapter = (PromptTuning(rng.standard_normal((4, C)).astype(np.float32)) if kind == "prompt"
+               else PrefixTuning(rng.standard_normal((L, 2, 4, Hkv, D)).astype(np.float32)))
+    ids = rng.integers(0, model.config.vocab_size, (3, 9))
+    targets = rng.integers(0, model.config.vocab_size, (3, 9))
+    mask = np.ones((3, 9), bool)
+
+    def step(m, a):
+        h, cache = m.forward(ids, adapter=a, keep_cache=True)
+        loss, dh = heads.lm_loss(m, h, targets, mask)
+        return loss, h, a.gradients(m.backward(dh, cache))
+
+    loss, h, g = step(qmodel, adapter)
+    adapter.__dict__[kind] = adapter.__dict__[kind].astype(np.float64)
+    loss64, h64, g64 = step(ref, adapter)
+    assert abs(loss - loss64) < 1e-4 * abs(loss64)
+    np.testing.assert_allclose(h, h64, rtol=1e-3, atol=1e-3)
+    for name in g64:
+        np.testing.assert_allclose(g[name], g64[name], rtol=2e-3, atol=1e-5 * np.abs(g64[name]).max(), err_msg=name)
+
+
+def _copy(model):
+    new = object.__new__(type(model))
+    new.__dict__.update(model.__dict__)
+    return new
