@@ -50,6 +50,7 @@ void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t k
 // the thread count, so a row's result does not depend on which rows come with it.
 template <typename Pack>
 void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float* bias, Pack pack) {
+  if (M <= 0 || N <= 0) return;
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
   // Panels that split unevenly over the threads: split the rows instead (each thread then packs

@@ -107,6 +107,15 @@ def test_linear_matches_float64(fmt, M, rows, cols, rng):
 
 @needs_gemm
 @pytest.mark.parametrize("fmt", ["f32", "q4_1"])
+def test_linear_with_no_rows(fmt, rng):
+    w = rng.standard_normal((70, 64), dtype=np.float32) if fmt == "f32" else quantized(rng, 70, 64)
+    assert nn.linear(np.zeros((0, 64), np.float32), w).shape == (0, 70)
+    assert nn.linear_backward(np.zeros((0, 70), np.float32), w).shape == (0, 64)
+    assert nn.linear(np.zeros((2, 0, 64), np.float32), w).shape == (2, 0, 70)
+
+
+@needs_gemm
+@pytest.mark.parametrize("fmt", ["f32", "q4_1"])
 def test_linear_rows_do_not_depend_on_their_batch_or_the_threads(fmt, rng):
     """Each row is summed in one fixed order: a shard of rows gets bitwise the rows of the whole
     batch (what makes MPI data parallelism exact), on any number of threads."""
