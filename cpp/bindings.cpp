@@ -109,7 +109,7 @@ Weight weight_arg(const py::array& data, int format, py::ssize_t cols) {
 
 #ifdef SOFTPROMPT_SIMD
 Array<float> linear_fwd(const Array<float>& x, const py::array& data, int format, py::ssize_t cols,
-                        const std::optional<Array<float>>& bias) {
+                        const std::optional<Array<float>>& bias, bool few) {
   const Weight w = weight_arg(data, format, cols);
   expect_ndim(x, "x", 2);
   expect_shape(x, "x", {x.shape(0), w.cols});
@@ -119,7 +119,8 @@ Array<float> linear_fwd(const Array<float>& x, const py::array& data, int format
   const float* bp = bias ? bias->data() : nullptr;
   {
     py::gil_scoped_release release;
-    linear_forward(x.shape(0), x.data(), w, bp, yp);
+    if (few) linear_forward_few(x.shape(0), x.data(), w, bp, yp);
+    else linear_forward(x.shape(0), x.data(), w, bp, yp);
   }
   return y;
 }
@@ -386,7 +387,7 @@ PYBIND11_MODULE(_core, m) {
   bind_dtype<double>(m);
 #ifdef SOFTPROMPT_SIMD  // the GEMM needs GCC/Clang vector extensions; softprompt falls back to NumPy
   m.def("linear_forward", &linear_fwd, py::arg("x").noconvert(), py::arg("weight"), py::arg("format"),
-        py::arg("cols"), py::arg("bias").noconvert() = py::none());
+        py::arg("cols"), py::arg("bias").noconvert() = py::none(), py::arg("few_rows") = false);
   m.def("linear_backward", &linear_bwd, py::arg("dy").noconvert(), py::arg("weight"), py::arg("format"),
         py::arg("cols"));
 #endif

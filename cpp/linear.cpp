@@ -19,6 +19,7 @@ namespace {
 
 constexpr int64_t kPanel = 64;        // B columns per panel (a multiple of 32: whole quantized blocks)
 constexpr int64_t kMaxDepth = 3072;   // rows of B per packed block (768 KB; a multiple of 32)
+constexpr int64_t kEdgeRows = 256;    // rows per pass over a ragged last panel
 
 // dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
 // scratch: 64 * kc floats.
@@ -51,6 +52,11 @@ void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t k
 template <typename Pack>
 void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float* bias, Pack pack) {
   if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // an empty sum: zeros (plus the bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * N + n] = bias ? bias[n] : 0.0f;
+    return;
+  }
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
   // Panels that split unevenly over the threads: split the rows instead (each thread then packs
@@ -63,8 +69,10 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
   const int64_t kc_max = kMaxDepth;  // a [kc, 64] block stays in L2 (the LM head's K is the vocabulary)
 #pragma omp parallel num_threads(nt)
   {
-    thread_local std::vector<float> panel, scratch, edge;
+    thread_local std::vector<float> panel, scratch, edge;  // bounded: <= 768 KB, 768 KB, 64 KB
     panel.resize(size_t(std::min(K, kc_max) * kPanel));
+    edge.resize(size_t(kEdgeRows * kPanel));
+    int64_t packed_panel = -1, packed_depth = -1;
     int64_t begin = 0, end = items;
 #ifdef _OPENMP
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -75,23 +83,27 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
       const int64_t rows = std::min(M, m0 + chunk_rows) - m0;
       if (rows <= 0) continue;
       const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
-      float* c = C + m0 * N + n0;
-      int64_t ldc = N;
-      if (width < kPanel) {  // a ragged last panel: compute into a full-width buffer, copy the columns
-        edge.resize(size_t(rows * kPanel));
-        c = edge.data(), ldc = kPanel;
-      }
-      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-        const int64_t kc = std::min(kc_max, K - k0);
-        pack(n0, width, k0, kc, panel.data(), scratch);
-        simd::matmul<float>(rows, kPanel / simd::kLanes<float>, kc, A + m0 * K + k0, K, 1, panel.data(), kPanel,
-                            c, ldc, k0 > 0);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        float* out = C + (m0 + r) * N + n0;
-        if (width < kPanel) std::memcpy(out, c + r * kPanel, width * sizeof(float));
-        if (bias)
-          for (int64_t j = 0; j < width; ++j) out[j] += bias[n0 + j];
+      // A ragged last panel goes through a full-width side buffer, kEdgeRows rows at a time.
+      const bool ragged = width < kPanel;
+      for (int64_t r0 = 0; r0 < rows; r0 += ragged ? kEdgeRows : rows) {
+        const int64_t nr = std::min(rows - r0, ragged ? kEdgeRows : rows);
+        float* c = ragged ? edge.data() : C + (m0 + r0) * N + n0;
+        const int64_t ldc = ragged ? kPanel : N;
+        for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+          const int64_t kc = std::min(kc_max, K - k0);
+          if (packed_panel != p || packed_depth != k0) {
+            pack(n0, width, k0, kc, panel.data(), scratch);
+            packed_panel = p, packed_depth = k0;
+          }
+          simd::matmul<float>(nr, kPanel / simd::kLanes<float>, kc, A + (m0 + r0) * K + k0, K, 1, panel.data(),
+                              kPanel, c, ldc, k0 > 0);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          float* out = C + (m0 + r0 + r) * N + n0;
+          if (ragged) std::memcpy(out, c + r * kPanel, width * sizeof(float));
+          if (bias)
+            for (int64_t j = 0; j < width; ++j) out[j] += bias[n0 + j];
+        }
       }
     }
   }
@@ -104,6 +116,33 @@ void linear_forward(int64_t M, const float* x, const Weight& w, const float* bia
        [&](int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst, std::vector<float>& s) {
          pack_transposed(w, n0, width, k0, kc, dst, s);
        });
+}
+
+void linear_forward_few(int64_t M, const float* x, const Weight& w, const float* bias, float* y) {
+  const int64_t N = w.rows, K = w.cols;
+  constexpr int L = simd::kLanes<float>;
+  const int nt = threads_for(double(N) * double(K));  // the cost is reading W, once
+#pragma omp parallel num_threads(nt)
+  {
+    thread_local std::vector<float> row;
+    row.resize(size_t(K));
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const float* wn = row.data();
+      if (w.format == WeightFormat::f32) wn = reinterpret_cast<const float*>(w.data) + n * K;
+      else dequantize_row(w, n, 0, K, row.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        simd::Vec<float> acc{};
+        int64_t k = 0;
+        for (; k + L <= K; k += L) acc += simd::load(xm + k) * simd::load(wn + k);
+        float sum = 0.0f;
+        for (int i = 0; i < L; ++i) sum += acc[i];
+        for (; k < K; ++k) sum += xm[k] * wn[k];
+        y[m * N + n] = bias ? sum + bias[n] : sum;
+      }
+    }
+  }
 }
 
 void linear_backward(int64_t M, const float* dy, const Weight& w, float* dx) {

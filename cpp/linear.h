@@ -31,6 +31,10 @@ void dequantize_row(const Weight& w, int64_t r, int64_t c0, int64_t count, float
 
 // x [M, cols] -> y [M, rows] = x W^T (+ bias [rows] when not null)
 void linear_forward(int64_t M, const float* x, const Weight& w, const float* bias, float* y);
+// The same y for a few rows (decoding one token per sequence): one dot product per (row, output),
+// W read once, no packed panels. Its sums run in another order than linear_forward's, so its
+// results differ from it in the last bits; only generation uses it.
+void linear_forward_few(int64_t M, const float* x, const Weight& w, const float* bias, float* y);
 // dy [M, rows] -> dx [M, cols] = dy W
 void linear_backward(int64_t M, const float* dy, const Weight& w, float* dx);
 

@@ -58,7 +58,10 @@ def test_quantized_weight_views_stacking_and_values(rng):
     np.testing.assert_array_equal(np.asarray(w.take_rows([3, 0, 9])), full[[3, 0, 9]])
     both = QuantizedWeight.concatenate([w, w[:4]])
     np.testing.assert_array_equal(np.asarray(both), np.concatenate([full, full[:4]]))
-    assert w.astype(np.float64).dtype == np.float64
+    assert w.astype(np.float64).dtype == np.float64 and w.astype(np.float32, copy=False).dtype == np.float32
+    assert part[1:2].base is w  # a view of a view views the original, as in NumPy
+    with pytest.raises(ValueError, match="copy"):
+        np.asarray(w, copy=False)
     with ops.use_backend("numpy"):
         np.testing.assert_array_equal(w.dequantize(), full)
 
@@ -115,11 +118,56 @@ def test_linear_with_no_rows(fmt, rng):
 
 
 @needs_gemm
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows,cols", [(130, 576), (40, 3200), (3200, 96)])
+def test_quantized_gemm_is_bitwise_the_gemm_of_its_values(fmt, rows, cols, rng):
+    """Dequantizing into the panels changes nothing: the same bits as the float32 GEMM on the
+    dequantized weight, forward and backward (K beyond one 3072 block in both directions)."""
+    w = quantized(rng, rows, cols, fmt)
+    wf = np.asarray(w)
+    x = rng.standard_normal((37, cols), dtype=np.float32)
+    dy = rng.standard_normal((37, rows), dtype=np.float32)
+    assert np.array_equal(nn.linear(x, w), nn.linear(x, wf))
+    assert np.array_equal(nn.linear_backward(dy, w), nn.linear_backward(dy, wf))
+
+
+@needs_gemm
+@pytest.mark.parametrize("fmt,cols", [("f32", 576), ("f32", 33), ("q4_1", 576), ("q8_0", 96)])
+def test_decoding_few_rows_path_matches_float64(fmt, cols, rng):
+    """Under nn.decoding() (generation), up to FEW_ROWS rows go through one dot product per output
+    instead of the packed GEMM: the same values to float32 rounding; more rows keep the GEMM."""
+    rows = 70
+    w = rng.standard_normal((rows, cols), dtype=np.float32) if fmt == "f32" else quantized(rng, rows, cols, fmt)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    wf = np.asarray(w).astype(np.float64)
+    for M in (1, 3, nn.FEW_ROWS, nn.FEW_ROWS + 1):
+        x = rng.standard_normal((M, cols), dtype=np.float32)
+        with nn.decoding():
+            y = nn.linear(x, w, b)
+        np.testing.assert_allclose(y, _reference(x, wf, b), rtol=1e-4, atol=1e-4)
+        if M > nn.FEW_ROWS:
+            assert np.array_equal(y, nn.linear(x, w, b))
+
+
+@needs_gemm
+def test_linear_edge_cases(rng):
+    x = rng.standard_normal((5, 64), dtype=np.float32)
+    b = rng.standard_normal(70)  # float64 and strided biases are taken (converted) as NumPy's were
+    w = rng.standard_normal((70, 64), dtype=np.float32)
+    np.testing.assert_allclose(nn.linear(x, w, b), x @ w.T + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nn.linear(x, w, b[::-1]), x @ w.T + b[::-1], rtol=1e-5, atol=1e-5)
+    # a weight without rows: the backward's sum is empty, so zeros (not uninitialized memory)
+    dx = _core.linear_backward(np.zeros((5, 0), np.float32), np.zeros((0, 70), np.float32), 0, 70)
+    assert dx.shape == (5, 70) and not dx.any()
+    assert _core.linear_forward(x, np.zeros((0, 64), np.float32), 0, 64).shape == (5, 0)
+
+
+@needs_gemm
 @pytest.mark.parametrize("fmt", ["f32", "q4_1"])
-def test_linear_rows_do_not_depend_on_their_batch_or_the_threads(fmt, rng):
+@pytest.mark.parametrize("rows,cols", [(200, 576), (70, 3200)])
+def test_linear_rows_do_not_depend_on_their_batch_or_the_threads(fmt, rows, cols, rng):
     """Each row is summed in one fixed order: a shard of rows gets bitwise the rows of the whole
     batch (what makes MPI data parallelism exact), on any number of threads."""
-    rows, cols = 200, 576
     w = rng.standard_normal((rows, cols), dtype=np.float32) if fmt == "f32" else quantized(rng, rows, cols)
     x = rng.standard_normal((61, cols), dtype=np.float32)
     dy = rng.standard_normal((61, rows), dtype=np.float32)

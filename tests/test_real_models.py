@@ -104,8 +104,7 @@ def test_smollm2_quantized_layers_hold_the_gguf_values(smollm2):
     fbytes = sum(w["qkv"].nbytes + w["o"].nbytes + w["gate_up"].nbytes + w["down"].nbytes for w in full.layers)
     assert qbytes * 6 < fbytes
     ids = np.array([ours.tokenizer.encode(TEXTS[0]).ids])
-    a, b = ours.logits(ids), full.logits(ids)
-    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), rtol=0)
+    assert np.array_equal(ours.logits(ids), full.logits(ids))  # the GEMM unpacks to the same values
 
 
 @needs_minilm

@@ -78,15 +78,16 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     h = model.run(x, ctx)[0]
     pos = ctx.positions
     next_pos = pos[:, -1] + 1
-    for step in range(max_new_tokens):
-        nxt = _pick(nn.linear(h[:, -1], model.output_embeddings()), temperature, top_p, rng)
-        if _record(out, done, nxt, stop) or step == max_new_tokens - 1:
-            break
-        # One step: the new token against the cache (its key is appended inside attention()).
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=bool)], axis=1)
-        ctx = Context(positions=next_pos[:, None], key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
-        h = model.run(model.embed_tokens(nxt[:, None]), ctx)[0]
-        next_pos = next_pos + 1
+    with nn.decoding():  # a few rows per step: dot products that read each weight once
+        for step in range(max_new_tokens):
+            nxt = _pick(nn.linear(h[:, -1], model.output_embeddings()), temperature, top_p, rng)
+            if _record(out, done, nxt, stop) or step == max_new_tokens - 1:
+                break
+            # One step: the new token against the cache (its key is appended inside attention()).
+            mask = np.concatenate([mask, np.ones((B, 1), dtype=bool)], axis=1)
+            ctx = Context(positions=next_pos[:, None], key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
+            h = model.run(model.embed_tokens(nxt[:, None]), ctx)[0]
+            next_pos = next_pos + 1
     return out
 
 

@@ -1,8 +1,8 @@
 """GPT-2: learned absolute positions, pre-LayerNorm blocks, GELU (tanh), fused c_attn.
 
 Block:  h = h + proj(attn(split(c_attn(ln_1(h)))));  h = h + mlp_proj(gelu(fc(ln_2(h))))
-The checkpoint's Conv1D weights are [in, out]; they are kept as transposed views ([out, in], no copy)
-so every linear here is y = x @ w.T + b.  Shapes: hidden [B, L, C]; q, k, v [B, L, H, D].
+The checkpoint's Conv1D weights are [in, out]; they are transposed once at load to [out, in]
+(contiguous, for the C++ GEMM), so every linear here is y = x @ w.T + b.  Shapes: hidden [B, L, C]; q, k, v [B, L, H, D].
 """
 
 from __future__ import annotations
@@ -83,10 +83,16 @@ def gpt2_from_hf(cfg, w, tokenizer, source):
         p = f"h.{i}."
         layers.append({
             "ln_1": w(p + "ln_1.weight"), "ln_1_bias": w(p + "ln_1.bias"),
-            "c_attn": w(p + "attn.c_attn.weight").T, "c_attn_bias": w(p + "attn.c_attn.bias"),
-            "c_proj": w(p + "attn.c_proj.weight").T, "c_proj_bias": w(p + "attn.c_proj.bias"),
+            "c_attn": _rows(w(p + "attn.c_attn.weight")), "c_attn_bias": w(p + "attn.c_attn.bias"),
+            "c_proj": _rows(w(p + "attn.c_proj.weight")), "c_proj_bias": w(p + "attn.c_proj.bias"),
             "ln_2": w(p + "ln_2.weight"), "ln_2_bias": w(p + "ln_2.bias"),
-            "fc": w(p + "mlp.c_fc.weight").T, "fc_bias": w(p + "mlp.c_fc.bias"),
-            "mlp_proj": w(p + "mlp.c_proj.weight").T, "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
+            "fc": _rows(w(p + "mlp.c_fc.weight")), "fc_bias": w(p + "mlp.c_fc.bias"),
+            "mlp_proj": _rows(w(p + "mlp.c_proj.weight")), "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
         })
     return GPT2(config, w("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer)
+
+
+def _rows(conv1d_weight):
+    """A Conv1D weight [in, out] as a linear weight [out, in], C-contiguous (copied once at load) so
+    the C++ GEMM takes it; a transposed view would go to NumPy's BLAS, on a second thread pool."""
+    return np.ascontiguousarray(conv1d_weight.T)

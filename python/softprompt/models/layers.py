@@ -7,6 +7,8 @@ Weights follow the PyTorch layout: a linear weight is [out, in] and y = x @ w.T 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
@@ -21,12 +23,31 @@ def linear(x, w, b=None):
     # One 2-D GEMM: NumPy runs [B, T, in] @ [in, out] as B small GEMMs, up to 10x slower here.
     x2 = x.reshape(-1, x.shape[-1])
     if _core_gemm(x2, w):
-        y = _core.linear_forward(np.ascontiguousarray(x2), *_weight_args(w), b)
+        y = _core.linear_forward(np.ascontiguousarray(x2), *_weight_args(w),
+                                 None if b is None else np.ascontiguousarray(b, dtype=np.float32),
+                                 few_rows=_decoding.get() and x2.shape[0] <= FEW_ROWS)
     else:
         y = x2 @ _values(w, x.dtype).T
         if b is not None:
             y += b
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+# Generation decodes one token per sequence: a GEMM of B rows, where packing the weight costs more
+# than the products. Under decoding(), up to FEW_ROWS rows run as dot products that read the weight
+# once; their sums run in another order, so only generation, whose results need not match a
+# training batch's bits, opts in.
+FEW_ROWS = 8
+_decoding = contextvars.ContextVar("softprompt_decoding", default=False)
+
+
+@contextlib.contextmanager
+def decoding():
+    token = _decoding.set(True)
+    try:
+        yield
+    finally:
+        _decoding.reset(token)
 
 
 def linear_backward(dy, w):

@@ -54,7 +54,7 @@ class QuantizedWeight:
     def __getitem__(self, rows):
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError(f"rows: a QuantizedWeight takes contiguous row slices, got {rows!r}")
-        return QuantizedWeight(self.blocks[rows], self.format, self.shape[1], base=self)
+        return QuantizedWeight(self.blocks[rows], self.format, self.shape[1], base=self.base or self)
 
     def take_rows(self, order):
         """A new weight with rows reordered: W[order]."""
@@ -70,7 +70,10 @@ class QuantizedWeight:
         return QuantizedWeight(np.concatenate([p.blocks for p in parts]), fmt, parts[0].shape[1])
 
     def dequantize(self, dtype=np.float32):
-        """The float values [rows, cols]: the C++ core's dequantizer, or its NumPy twin below."""
+        """The float values [rows, cols] (a new array each call): the C++ core's dequantizer, or its
+        NumPy twin below. The model's own layers never call this on the float32 path: the GEMM
+        dequantizes into its panels; float64 activations or the "numpy" backend expand the weight
+        at every call."""
         from .. import _core, ops
 
         if ops.get_backend() == "cpp":
@@ -79,9 +82,13 @@ class QuantizedWeight:
             out = dequantize_blocks(self.blocks, self.format, self.shape[1])
         return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
-    astype = dequantize
+    def astype(self, dtype, copy=True):
+        """Like ndarray.astype; always a new float array (the values exist only as blocks)."""
+        return self.dequantize(dtype)
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a QuantizedWeight has no float array to share: dequantizing makes a copy")
         return self.dequantize(np.float32 if dtype is None else dtype)
 
 
