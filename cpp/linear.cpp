@@ -1,5 +1,5 @@
 // Frozen linear layers as one GEMM each: C[M, N] = A[M, K] B[K, N] with B packed, 64 columns at a
-// time, into a [K, 64] panel per thread (forward: B = W^T, backward: B = W), dequantized on the
+// time, into a [min(K, 3072), 64] panel per thread (forward: B = W^T, backward: B = W), dequantized on the
 // way when W is quantized. The micro-kernel and the tile loop are simd.h's; the panel stays in L2
 // while every row of A passes over it.
 #include "linear.h"
@@ -18,7 +18,8 @@ namespace softprompt {
 namespace {
 
 constexpr int64_t kPanel = 64;        // B columns per panel (a multiple of 32: whole quantized blocks)
-constexpr int64_t kMaxDepth = 3072;   // rows of B per packed block (768 KB; a multiple of 32)
+constexpr int64_t kMaxDepth = 3072;   // rows of B per packed block: 768 KB stay in L2 (the LM head's
+                                      // backward has K = the vocabulary); a multiple of 32
 constexpr int64_t kEdgeRows = 256;    // rows per pass over a ragged last panel
 
 // dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
@@ -66,11 +67,10 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
   const int64_t chunks = even ? 1 : std::min<int64_t>(nt, row_tiles);
   const int64_t chunk_rows = (row_tiles + chunks - 1) / chunks * simd::kTileRows;
   const int64_t items = chunks * panels;
-  const int64_t kc_max = kMaxDepth;  // a [kc, 64] block stays in L2 (the LM head's K is the vocabulary)
 #pragma omp parallel num_threads(nt)
   {
     thread_local std::vector<float> panel, scratch, edge;  // bounded: <= 768 KB, 768 KB, 64 KB
-    panel.resize(size_t(std::min(K, kc_max) * kPanel));
+    panel.resize(size_t(std::min(K, kMaxDepth) * kPanel));
     edge.resize(size_t(kEdgeRows * kPanel));
     int64_t packed_panel = -1, packed_depth = -1;
     int64_t begin = 0, end = items;
@@ -89,8 +89,8 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
         const int64_t nr = std::min(rows - r0, ragged ? kEdgeRows : rows);
         float* c = ragged ? edge.data() : C + (m0 + r0) * N + n0;
         const int64_t ldc = ragged ? kPanel : N;
-        for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-          const int64_t kc = std::min(kc_max, K - k0);
+        for (int64_t k0 = 0; k0 < K; k0 += kMaxDepth) {
+          const int64_t kc = std::min(kMaxDepth, K - k0);
           if (packed_panel != p || packed_depth != k0) {
             pack(n0, width, k0, kc, panel.data(), scratch);
             packed_panel = p, packed_depth = k0;
