@@ -18,7 +18,7 @@ int initial_threads() {
 // A process-wide setting rather than omp_set_num_threads, which is per calling thread:
 // a setting made on the main thread must also hold for kernels called from other threads.
 std::atomic<int> g_threads{initial_threads()};
-constexpr double kSerialWork = 2e6;  // below ~2 Mflop one thread is faster than waking a sleeping team
+constexpr double kSerialWork = 2e5;  // below ~0.2 Mflop one thread beats waking the (spinning) team
 }  // namespace
 
 int num_threads() { return g_threads.load(std::memory_order_relaxed); }
