@@ -101,7 +101,8 @@ Weight weight_arg(const py::array& data, int format, py::ssize_t cols) {
                          std::string(py::str(data.dtype())));
   expect_ndim(data, "weight", 2);
   if (cols < 1 || (!f32 && cols % kQuantBlock))
-    throw py::value_error("cols: expected a positive multiple of 32 for a quantized weight, got " + std::to_string(cols));
+    throw py::value_error(std::string("cols: expected ") + (f32 ? "at least 1" : "a positive multiple of 32 (whole quantized blocks)") +
+                          ", got " + std::to_string(cols));
   Weight w{f, static_cast<const uint8_t*>(data.data()), data.shape(0), cols};
   expect_shape(data, "weight", {w.rows, f32 ? cols : w.row_bytes()});
   return w;
