@@ -59,7 +59,7 @@ def timed(fn, warmup, steps):
 # --------------------------------------------------------------------------- softprompt
 def run_ours(args):
     import softprompt
-    from softprompt import heads
+    from softprompt import losses
     from softprompt.train import AdamW
 
     softprompt.set_num_threads(args.threads)
@@ -82,9 +82,9 @@ def run_ours(args):
     def step():
         hidden, cache = model.forward(ids, adapter=adapter, keep_cache=True)
         if args.loss == "lm":
-            loss, dh = heads.lm_loss(model, hidden, targets, loss_mask)
+            loss, dh = losses.lm_loss(model, hidden, targets, loss_mask)
         else:
-            loss, dh, _ = heads.label_word_loss(model, hidden, np.full(BATCH, LENGTH - 1), label_ids, labels)
+            loss, dh, _ = losses.label_word_loss(model, hidden, np.full(BATCH, LENGTH - 1), label_ids, labels)
         opt.step(adapter.gradients(model.backward(dh, cache)), 1e-3)
         return loss
 
@@ -93,7 +93,7 @@ def run_ours(args):
 
     def infer():
         hidden = model.forward(eval_ids, adapter=adapter)
-        return heads.label_word_logits(model, hidden, np.full(EVAL_BATCH, LENGTH - 1), label_ids)
+        return losses.label_word_logits(model, hidden, np.full(EVAL_BATCH, LENGTH - 1), label_ids)
 
     _, eval_times = timed(infer, 1, max(2, args.steps // 2))
     return {"loss0": loss0, "step_s": times, "eval_s": eval_times, "rss_model_mb": rss_model}

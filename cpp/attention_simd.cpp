@@ -4,7 +4,7 @@
 // reductions, and the causal mask is a lane threshold per key. Keys are processed in L1-sized
 // chunks with an online softmax. The prefix and the input keys stay two arrays; a chunk's keys and
 // values are packed into contiguous rows [prefix | input] first (the inputs' rows are Hkv*D apart,
-// which made the micro-kernels' loads miss the L1 and the TLB: 74 -> see bench). Only lse is kept
+// which makes strided loads miss the L1 and the TLB). Only lse is kept
 // for the backward.
 //
 // Work items and determinism are as in the Eigen variant (prefix_attention.cpp): forward items are

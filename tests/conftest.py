@@ -87,10 +87,9 @@ def make_tiny_task(folder, hidden_size=64, intermediate_size=128):
     can steer it) with a word-level tokenizer, and the good/bad task, written to folder."""
     torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
     transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     import softprompt
     from softprompt import data as data_mod
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -114,3 +113,23 @@ def make_tiny_task(folder, hidden_size=64, intermediate_size=128):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     return make_tiny_task(tmp_path_factory.mktemp("tiny"))
+
+
+# --------------------------------------------------------------------------- a tiny Llama from arrays
+def tiny_llama(rng, dtype=np.float32, bias=False):
+    """A random 3-layer Llama (hidden 32, 4 query / 2 kv heads of 8, vocabulary 50) built from
+    arrays, without torch."""
+    from softprompt.models.base import ModelConfig
+    from softprompt.models.llama import Llama
+
+    c = ModelConfig(arch="llama", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
+                    vocab_size=50, intermediate_size=48, norm_eps=1e-5, attention_bias=bias, model_type="llama")
+    r = lambda *s: (0.3 * rng.standard_normal(s)).astype(dtype)  # noqa: E731
+    layers = []
+    for _ in range(c.num_layers):
+        w = {"attn_norm": 1 + r(32), "q": r(32, 32), "k": r(16, 32), "v": r(16, 32), "o": r(32, 32),
+             "mlp_norm": 1 + r(32), "gate": r(48, 32), "up": r(48, 32), "down": r(32, 48)}
+        if bias:
+            w.update(q_bias=r(32), k_bias=r(16), v_bias=r(16))
+        layers.append(w)
+    return Llama(c, r(50, 32), layers, 1 + r(32))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from softprompt import PrefixTuning, PromptTuning, _core, heads, ops
+from conftest import tiny_llama
+from softprompt import PrefixTuning, PromptTuning, _core, ops
 from softprompt.models import layers as nn
-from softprompt.models.base import ModelConfig
 from softprompt.models.llama import Llama
 
 DTYPES = [np.float32, np.float64]
@@ -80,9 +79,9 @@ def test_softmax_cross_entropy_matches_numpy(dtype, N, V, rng):
     labels = rng.integers(0, V, N)
     fast, ref = logits.copy(), logits.copy()
     with ops.use_backend("cpp"):
-        loss_fast = heads.softmax_cross_entropy(fast, labels, 0.25)
+        loss_fast = ops.softmax_cross_entropy(fast, labels, 0.25)
     with ops.use_backend("numpy"):
-        loss_ref = heads.softmax_cross_entropy(ref, labels, 0.25)
+        loss_ref = ops.softmax_cross_entropy(ref, labels, 0.25)
     np.testing.assert_allclose(loss_fast, loss_ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
     np.testing.assert_allclose(fast, ref, **_tol(dtype))
     np.testing.assert_allclose(fast.sum(1), 0, atol=1e-6)  # softmax - onehot sums to 0
@@ -102,37 +101,9 @@ def test_kernels_reject_bad_shapes():
         _core.rmsnorm_forward(x.astype(np.float64), np.zeros(8, np.float32), 1e-5)
 
 
-def test_lm_loss_chunks_agree(monkeypatch, rng):
-    model = _tiny_llama(rng)
-    hidden = rng.standard_normal((3, 7, model.config.hidden_size)).astype(np.float32)
-    targets = rng.integers(0, model.config.vocab_size, (3, 7))
-    mask = rng.random((3, 7)) < 0.7
-    whole = heads.lm_loss(model, hidden, targets, mask)
-    monkeypatch.setattr(heads, "LOGITS_CHUNK_BYTES", 3 * model.config.vocab_size * 4)  # 3 rows a chunk
-    chunked = heads.lm_loss(model, hidden, targets, mask)
-    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)  # BLAS may round differently per chunk
-    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="targets: expected token ids"):
-        heads.lm_loss(model, hidden, np.full((3, 7), model.config.vocab_size), mask)
-
-
 # --------------------------------------------------------------------------- model-level paths
-def _tiny_llama(rng, dtype=np.float32, bias=False):
-    c = ModelConfig(arch="llama", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
-                    vocab_size=50, intermediate_size=48, norm_eps=1e-5, attention_bias=bias, model_type="llama")
-    r = lambda *s: (0.3 * rng.standard_normal(s)).astype(dtype)  # noqa: E731
-    layers = []
-    for _ in range(c.num_layers):
-        w = {"attn_norm": 1 + r(32), "q": r(32, 32), "k": r(16, 32), "v": r(16, 32), "o": r(32, 32),
-             "mlp_norm": 1 + r(32), "gate": r(48, 32), "up": r(48, 32), "down": r(32, 48)}
-        if bias:
-            w.update(q_bias=r(32), k_bias=r(16), v_bias=r(16))
-        layers.append(w)
-    return Llama(c, r(50, 32), layers, 1 + r(32))
-
-
 def test_stacked_weights_are_views_not_copies(rng):
-    model = _tiny_llama(rng, bias=True)
+    model = tiny_llama(rng, bias=True)
     for w in model.layers:
         for part in ("q", "k", "v"):
             assert w[part].base is w["qkv"]
@@ -153,7 +124,7 @@ def _step(model, adapter, ids, mask, w):
 
 @pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
 def test_cpp_and_numpy_backends_agree_through_the_model(kind, rng):
-    model = _tiny_llama(rng, np.float64, bias=True)
+    model = tiny_llama(rng, np.float64, bias=True)
     adapter = {None: None, "prompt": PromptTuning(rng.standard_normal((3, 32))),
                "prefix": PrefixTuning(rng.standard_normal((3, 2, 3, 2, 8)))}[kind]
     if adapter is not None:
@@ -171,7 +142,7 @@ def test_cpp_and_numpy_backends_agree_through_the_model(kind, rng):
 def test_shared_prompt_rows_equal_the_plain_prompt(padding, rng, monkeypatch):
     """The prompt's rows computed once for the batch give what prepending them to every row gives:
     hidden states (also the prompt's own, keep_virtual) and the prompt's gradient."""
-    model = _tiny_llama(rng, np.float64, bias=True)
+    model = tiny_llama(rng, np.float64, bias=True)
     adapter = PromptTuning(rng.standard_normal((4, 32)))
     adapter.prompt = adapter.prompt.astype(np.float64)
     ids = rng.integers(0, 50, (3, 7))
@@ -186,7 +157,7 @@ def test_shared_prompt_rows_equal_the_plain_prompt(padding, rng, monkeypatch):
         for shared in (True, False):
             monkeypatch.setattr(Llama, "share_prompt_rows", shared)
             hidden, cache = model.forward(ids, mask, adapter=adapter, keep_cache=True, keep_virtual=keep_virtual)
-            results.append((hidden, model.backward(w, cache), bool(cache.get("shared_prompt"))))
+            results.append((hidden, model.backward(w, cache), cache.ctx.packed is not None))
         (h1, g1, took_shared), (h2, g2, took_plain) = results
         assert took_shared and not took_plain and h1.shape == h2.shape == (3, T, 32)
         np.testing.assert_allclose(h1, h2, rtol=1e-11, atol=1e-12)
@@ -194,8 +165,55 @@ def test_shared_prompt_rows_equal_the_plain_prompt(padding, rng, monkeypatch):
         np.testing.assert_allclose(g1["inputs_embeds"], g2["inputs_embeds"], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("split", [(3, 0), (0, 3), (1, 2)])
+def test_shared_prompt_rows_split_over_processes(split, rng):
+    """The model's backward with prompt_sum: two "processes" (threads here, summing through a
+    barrier) that hold parts of one batch, one of them possibly none (B = 0), get the whole batch's
+    prompt gradient, bitwise what one process computes. The model's own calls decide when to sum;
+    the caller only passes the function."""
+    import threading
+
+    model = tiny_llama(rng, bias=True)
+    adapter = PromptTuning(rng.standard_normal((4, 32)).astype(np.float32))
+    ids = rng.integers(0, 50, (3, 7))
+    w = rng.standard_normal((3, 7, 32)).astype(np.float32)
+    hidden, cache = model.forward(ids, adapter=adapter, keep_cache=True)
+    whole = model.backward(w, cache)["prompt"]
+    barrier, parts, sums, calls = threading.Barrier(2), [None, None], [], [0, 0]
+
+    def worker(rank, rows):
+        def prompt_sum(x):
+            calls[rank] += 1
+            parts[rank] = x
+            barrier.wait()
+            if rank == 0:
+                sums.append(parts[0] + parts[1])
+            barrier.wait()
+            return sums[-1]
+
+        if rows.stop > rows.start:
+            _, c = model.forward(ids[rows], adapter=adapter, keep_cache=True)
+            grads = model.backward(w[rows], c, prompt_sum=prompt_sum)
+        else:
+            empty = np.zeros((0, 1, 32), np.float32)
+            _, c = model.forward(None, inputs_embeds=empty, adapter=adapter, keep_cache=True)
+            grads = model.backward(empty, c, prompt_sum=prompt_sum)
+        results[rank] = grads["prompt"]
+
+    results = [None, None]
+    a = split[0]
+    threads = [threading.Thread(target=worker, args=(rank, rows)) for rank, rows in enumerate((slice(0, a), slice(a, 3)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls[0] == calls[1] == 1 + model.config.num_layers
+    assert np.array_equal(results[0], results[1])  # the same on every process...
+    assert np.array_equal(results[0], whole)  # ...and the one-process bits
+
+
 def test_model_inputs_are_checked_and_converted(rng):
-    model = _tiny_llama(rng)
+    model = tiny_llama(rng)
     ids = rng.integers(0, 50, (2, 5))
     emb = model.embed[ids]
     want = model.forward(None, inputs_embeds=emb)
@@ -217,7 +235,7 @@ def test_model_inputs_are_checked_and_converted(rng):
 
 
 def test_a_partial_set_of_attention_biases_counts_the_missing_ones_as_zero(rng):
-    model = _tiny_llama(rng, np.float64, bias=True)
+    model = tiny_llama(rng, np.float64, bias=True)
     layers = [dict(w) for w in model.layers]
     for w in layers:
         for name in ("qkv", "qkv_bias", "gate_up"):
@@ -234,4 +252,4 @@ def test_a_partial_set_of_attention_biases_counts_the_missing_ones_as_zero(rng):
 def test_cross_entropy_rejects_labels_out_of_range():
     for backend in ("cpp", "numpy"):
         with ops.use_backend(backend), pytest.raises(ValueError, match=r"labels: expected 2 values in \[0, 4\)"):
-            heads.softmax_cross_entropy(np.zeros((2, 4), np.float32), np.array([0, -1]), 1.0)
+            ops.softmax_cross_entropy(np.zeros((2, 4), np.float32), np.array([0, -1]), 1.0)

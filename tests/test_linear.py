@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import softprompt
-from softprompt import PrefixTuning, PromptTuning, _core, heads, ops
+from softprompt import PrefixTuning, PromptTuning, _core, losses, ops, reference
 from softprompt.models import layers as nn
-from softprompt.models.quant import FORMATS, QuantizedWeight, dequantize_blocks
+from softprompt.models.quant import FORMATS, QuantizedWeight
 
 needs_gemm = pytest.mark.skipif(not hasattr(_core, "linear_forward"),
                                 reason="the C++ GEMM needs a GCC/Clang build (vector extensions)")
@@ -43,7 +43,7 @@ def quantized(rng, rows, cols, fmt="q4_1"):
 def test_dequantize_is_bitwise_gguf(fmt, rng):
     blocks = random_blocks(rng, 37, 96, fmt, special=True)
     ref = gguf.quants.dequantize(blocks, GGUF_TYPE[fmt]).reshape(37, 96).astype(np.float32)
-    for ours in (_core.dequantize(blocks, FORMATS[fmt][0], 96), dequantize_blocks(blocks, fmt, 96)):
+    for ours in (_core.dequantize(blocks, FORMATS[fmt][0], 96), reference.dequantize(blocks, fmt, 96)):
         assert ours.dtype == np.float32 and ours.shape == (37, 96)
         assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
@@ -241,7 +241,7 @@ def test_quantized_model_matches_its_float64_twin(kind, tiny, rng):
 
     def step(m, a):
         h, cache = m.forward(ids, adapter=a, keep_cache=True)
-        loss, dh = heads.lm_loss(m, h, targets, mask)
+        loss, dh = losses.lm_loss(m, h, targets, mask)
         return loss, h, a.gradients(m.backward(dh, cache))
 
     loss, h, g = step(qmodel, adapter)

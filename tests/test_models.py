@@ -152,7 +152,7 @@ def test_adapter_matches_peft_logits_and_gradients(hf_models, arch, kind, rng, t
 
 
 def test_bert_prompt_tuning_matches_peft_sequence_classification(hf_models, rng, tmp_path):
-    from softprompt.heads import ClassificationHead
+    from softprompt.losses import ClassificationHead
 
     torch.manual_seed(2)  # a checkpoint with the pooler (BertForMaskedLM has none)
     folder = tmp_path / "bert_cls"
@@ -247,26 +247,6 @@ def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
 
     idx, numeric = _numeric(loss_emb, emb, rng=rng)
     np.testing.assert_allclose(grads["inputs_embeds"].reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-7)
-
-
-def test_lm_and_label_word_losses_match_finite_differences(hf_models, rng):
-    from softprompt import heads
-
-    model = load_model(hf_models["llama"][0]).astype(np.float64)
-    hidden = rng.standard_normal((2, 5, model.config.hidden_size))
-    targets = rng.integers(0, VOCAB, (2, 5))
-    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]], dtype=bool)
-    loss, d = heads.lm_loss(model, hidden, targets, mask)
-    logits = hidden @ model.output_embeddings().T
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    assert loss == pytest.approx(-logp[mask, targets[mask]].mean(), rel=1e-10)
-    idx, numeric = _numeric(lambda: heads.lm_loss(model, hidden, targets, mask)[0], hidden, rng=rng)
-    np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
-    pos, labels_ids, labels = np.array([4, 1]), np.array([5, 9]), np.array([1, 0])
-    loss, d, lg = heads.label_word_loss(model, hidden, pos, labels_ids, labels)
-    np.testing.assert_allclose(lg, logits[[0, 1], pos][:, labels_ids], rtol=1e-10)
-    idx, numeric = _numeric(lambda: heads.label_word_loss(model, hidden, pos, labels_ids, labels)[0], hidden, rng=rng)
-    np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
 
 
 # --------------------------------------------------------------------------- adapter files

@@ -108,7 +108,8 @@ def test_two_ranks_train_the_same_adapter_as_one_process(tiny, tmp_path, method)
 def test_killed_rank_ends_the_job_and_resume_finishes_it(tiny, tmp_path):
     folder, _, _, data_file = tiny
     out = tmp_path / "run"
-    killed = _run(_train_args(folder, data_file, out), ranks=2, env_extra={"SOFTPROMPT_TEST_KILL": "1:5"})
+    launcher = [str(Path(__file__).with_name("mpi_launcher.py")), "--kill", "1:5"]
+    killed = _run(launcher + _train_args(folder, data_file, out)[2:], ranks=2)
     assert killed.returncode != 0  # ended (bounded by TIMEOUT), not hung
     assert "KILLED" in killed.stdout + killed.stderr or "signal 9" in killed.stdout + killed.stderr
     assert (out / "checkpoint.npz").exists() and not (out / "adapter_model.safetensors").exists()

@@ -13,7 +13,8 @@ import softprompt
 from conftest import VOCAB, WORDS
 from softprompt import cli
 from softprompt import data as data_mod
-from softprompt.train import AdamW, PrefixProjection, TrainConfig, learning_rate, save_checkpoint, train
+from softprompt.adapters import PrefixProjection
+from softprompt.train import AdamW, TrainConfig, learning_rate, save_checkpoint, train
 
 torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
@@ -49,9 +50,13 @@ def test_resume_gives_the_same_adapter_bitwise(tiny, tmp_path):
     straight = train(_cfg(tmp_path / "a", **kw), model=model, dataset=dataset, log=lambda s: None)
     # The same run, interrupted after step 8 (its last checkpoint), then resumed.
     interrupted = _cfg(tmp_path / "b", **kw)
-    interrupted.extra["stop_after"] = 8
+
+    def stop_after_8(run):
+        if run.state["step"] == 8:
+            raise KeyboardInterrupt("stopped after step 8")
+
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, model=model, dataset=dataset, log=lambda s: None)
+        train(interrupted, model=model, dataset=dataset, log=lambda s: None, on_step=stop_after_8)
     resumed = train(TrainConfig(**{**_cfg(tmp_path / "b", **kw).__dict__, "resume": str(tmp_path / "b" / "run")}),
                     model=model, dataset=dataset, log=lambda s: None)
     a = softprompt.PrefixTuning.from_pretrained(tmp_path / "a" / "run").prefix
@@ -186,7 +191,7 @@ def test_trained_adapter_loads_in_peft_with_the_same_predictions(tiny, tmp_path)
     adapter = softprompt.PrefixTuning.from_pretrained(tmp_path / "run", model)
     task = softprompt.train.Task(model, dataset)
     ids, mask = data_mod.pad_batch(task.test[:16])
-    ours = softprompt.heads.label_word_logits(model, model.forward(ids, mask, adapter=adapter), mask.sum(1) - 1,
+    ours = softprompt.losses.label_word_logits(model, model.forward(ids, mask, adapter=adapter), mask.sum(1) - 1,
                                               task.label_ids).argmax(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

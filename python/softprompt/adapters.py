@@ -14,6 +14,7 @@ Files are written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -50,7 +51,7 @@ class _Adapter:
     num_virtual_tokens: int
     base_model_name_or_path: str = ""
     task_type: str = "CAUSAL_LM"
-    head = None  # a heads.ClassificationHead trained with the adapter (BERT), saved beside it
+    head = None  # a losses.ClassificationHead trained with the adapter (BERT), saved beside it
 
     def parameters(self):
         """The trainable arrays, by name (what an optimizer updates in place)."""
@@ -124,7 +125,7 @@ class _Adapter:
         adapter.base_model_name_or_path = cfg.get("base_model_name_or_path") or ""
         adapter.task_type = cfg.get("task_type") or "CAUSAL_LM"
         if "base_model.classifier.weight" in tensors:
-            from .heads import ClassificationHead
+            from .losses import ClassificationHead
 
             w = np.asarray(tensors["base_model.classifier.weight"], dtype=np.float32)
             adapter.head = ClassificationHead(w.shape[1], w.shape[0])
@@ -296,6 +297,63 @@ class PrefixTuning(_Adapter):
         }
 
 
+class PrefixProjection(PrefixTuning):
+    """Li & Liang's reparameterization: prefix = base + MLP(embedding), MLP = Linear-tanh-Linear.
+    The trainable arrays are the embedding [P, Hkv*D] and the MLP; `base` is the (fixed) start,
+    e.g. the model's own keys and values for a text, and the last layer starts at zero, so training
+    starts from exactly `base`. Saved merged into a plain prefix (PEFT's prefix_projection=False)."""
+
+    def __init__(self, base, hidden, seed=0):
+        L, _, P, H, D = base.shape
+        rng = np.random.default_rng(seed)
+        self.base = np.ascontiguousarray(base, dtype=np.float32)
+        width = L * 2 * H * D
+        self.emb = rng.standard_normal((P, H * D)).astype(np.float32)
+        self.w1 = (rng.standard_normal((hidden, H * D)) / math.sqrt(H * D)).astype(np.float32)
+        self.b1 = np.zeros(hidden, dtype=np.float32)
+        self.w2 = np.zeros((width, hidden), dtype=np.float32)
+        self.b2 = np.zeros(width, dtype=np.float32)
+
+    @property
+    def prefix(self):
+        return self.prefix_matrix()
+
+    @prefix.setter
+    def prefix(self, value):  # PrefixTuning's constructor is not used here
+        raise AttributeError("PrefixProjection: the prefix is computed; set emb/w1/b1/w2/b2")
+
+    @property
+    def num_virtual_tokens(self):
+        return self.base.shape[2]
+
+    def parameters(self):
+        return {"emb": self.emb, "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+
+    def _mlp(self):
+        h = np.tanh(self.emb @ self.w1.T + self.b1)  # [P, hidden]
+        return h, h @ self.w2.T + self.b2  # [P, L*2*H*D] in PEFT's column order
+
+    def prefix_matrix(self):
+        L, _, P, H, D = self.base.shape
+        _, out = self._mlp()
+        return self.base + out.reshape(P, L, 2, H, D).transpose(1, 2, 0, 3, 4)
+
+    def gradients(self, grads):
+        L, _, P, H, D = self.base.shape
+        dout = grads["prefix"].transpose(2, 0, 1, 3, 4).reshape(P, L * 2 * H * D)
+        h, _ = self._mlp()
+        dz = (dout @ self.w2) * (1 - h * h)
+        return {"emb": dz @ self.w1, "w1": dz.T @ self.emb, "b1": dz.sum(0), "w2": dout.T @ h, "b2": dout.sum(0)}
+
+    def merged(self):
+        out = PrefixTuning(self.prefix_matrix())
+        out.base_model_name_or_path, out.task_type = self.base_model_name_or_path, self.task_type
+        return out
+
+    def save_pretrained(self, directory):
+        self.merged().save_pretrained(directory)
+
+
 def _text_ids(model, text, P):
     """Token ids of `text`, cut or repeated to exactly P (PEFT's TEXT init does the same)."""
     if not text:
@@ -311,17 +369,12 @@ def _text_ids(model, text, P):
 
 def text_key_values(model, ids):
     """The frozen model's keys and values for the tokens `ids` (positions 0..P-1), per layer:
-    -> [num_layers, 2, P, num_kv_heads, head_dim], what a cache of that text would hold."""
-    captured = {}
-    attention = model.attention
+    -> [num_layers, 2, P, num_kv_heads, head_dim], what a KV cache of that text holds."""
+    from .models.base import KVCache
 
-    def record(i, q, k, v, ctx):
-        captured[i] = (k[0].copy(), v[0].copy())
-        return attention(i, q, k, v, ctx)
-
-    model.attention = record
-    try:
-        model.forward(np.asarray(ids)[None])
-    finally:
-        del model.attention  # back to the class method
-    return np.stack([np.stack(captured[i]) for i in range(model.config.num_layers)])
+    ids = np.asarray(ids)[None]
+    _, _, x, ctx = model.inject(None, model.embed_tokens(ids), np.ones(ids.shape, dtype=bool))
+    ctx.kv_cache = KVCache()
+    model.run(x, ctx)
+    kv = ctx.kv_cache.layers
+    return np.stack([np.stack((kv[i][0][0], kv[i][1][0])) for i in range(model.config.num_layers)])

@@ -133,7 +133,7 @@ def _cmd_generate(args):
         print(Task(model, dataset, info.get("template", data_mod.TEMPLATE)).predict(adapter, args.text))
         return 0
     ids = model.tokenizer.encode(args.text, add_special_tokens=False).ids
-    eos = model.config.extra.get("eos_token_id")
+    eos = model.config.eos_token_id
     new = softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,
                               stop_tokens=[eos] if eos is not None else [], seed=args.seed)[0]

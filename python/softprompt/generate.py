@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .models import layers as nn
-from .models.base import Context
+from .models.base import Context, KVCache
 
 
 def _batch(input_ids, pad_id=0):
@@ -73,8 +73,8 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     # Prefill: the whole prompt once, keeping every layer's keys and values.
     _, _, x, ctx = model.inject(adapter, model.embed_tokens(ids), mask)
     mask = np.ones(x.shape[:2], dtype=bool) if ctx.key_mask is None else ctx.key_mask
-    prefix, kv = ctx.prefix, {}
-    ctx.extra["kv_cache"] = kv
+    prefix, kv = ctx.prefix, KVCache()
+    ctx.kv_cache = kv
     h = model.run(x, ctx)[0]
     pos = ctx.positions
     next_pos = pos[:, -1] + 1
@@ -85,7 +85,7 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
                 break
             # One step: the new token against the cache (its key is appended inside attention()).
             mask = np.concatenate([mask, np.ones((B, 1), dtype=bool)], axis=1)
-            ctx = Context(positions=next_pos[:, None], key_mask=mask, prefix=prefix, extra={"kv_cache": kv})
+            ctx = Context(positions=next_pos[:, None], key_mask=mask, prefix=prefix, kv_cache=kv)
             h = model.run(model.embed_tokens(nxt[:, None]), ctx)[0]
             next_pos = next_pos + 1
     return out

@@ -1,8 +1,14 @@
-"""The public ops: prefix attention and the prompt prepend, forward and backward.
+"""The one door to the compiled core (``softprompt._core``): every kernel is called from here.
 
-Every op validates its input once, here, then runs on the C++ core (``backend="cpp"``, the
-default) or on the NumPy reference (``backend="numpy"``), so the two can be compared anywhere.
-The default backend is a module setting: ``set_backend`` / ``get_backend`` / ``use_backend``.
+Public ops: prefix attention and the prompt prepend, forward and backward. Each validates its
+input once, here, then runs on the C++ core (``backend="cpp"``, the default) or on its NumPy twin
+in ``softprompt.reference`` (``backend="numpy"``), so the two can be compared anywhere. The
+default backend is a module setting: ``set_backend`` / ``get_backend`` / ``use_backend``.
+
+The frozen model's kernels (RMSNorm, SwiGLU, RoPE, the fused softmax cross-entropy, the linear
+layers' GEMM and GGUF dequantization) go through the same switch; their callers in
+``softprompt.models`` and ``softprompt.losses`` pass arrays they built themselves, so only
+``_core``'s own checks (bindings.cpp) guard them.
 
 Input rules (the same for both backends):
 - arrays are ``numpy.ndarray`` of float32 or float64, all of one dtype; outputs take that dtype.
@@ -44,6 +50,17 @@ __all__ = [
     "set_backend",
     "get_backend",
     "use_backend",
+    "rmsnorm_forward",
+    "rmsnorm_backward",
+    "swiglu_forward",
+    "swiglu_backward",
+    "rope_split",
+    "rope_merge",
+    "softmax_cross_entropy",
+    "linear_forward",
+    "linear_backward",
+    "dequantize",
+    "QUANT_FORMATS",
 ]
 
 BACKENDS = ("cpp", "numpy")
@@ -233,3 +250,144 @@ def prepend_backward(dy, prompt_length, *, shared=True, backend=None):
     if _check_backend(backend or _backend) == "numpy":
         return reference.prepend_backward(dy, P, shared=shared)
     return _core.prepend_backward(dy, P, shared)
+
+
+# --------------------------------------------------------------------------- frozen-model kernels
+# Shapes are the callers' (models/layers.py, losses.py); the C++ versions are cpp/layers.cpp,
+# cpp/linear.cpp and cpp/quant.cpp, their twins are in reference.py.
+def _on_core():
+    return _backend == "cpp"
+
+
+def rmsnorm_forward(x, weight, eps):
+    """y = x / rms(x) * weight.  x [N, C], weight [C] -> y [N, C], rstd [N] (the backward's cache)."""
+    if _on_core():
+        return _core.rmsnorm_forward(x, weight, eps)
+    return reference.rmsnorm_forward(x, weight, eps)
+
+
+def rmsnorm_backward(dy, x, rstd, weight, residual=None):
+    """dy, x [N, C], rstd [N] -> dx [N, C], plus residual [N, C] when given (the skip
+    connection's gradient, added in the same pass)."""
+    if _on_core():
+        return _core.rmsnorm_backward(dy, x, rstd, weight, residual)
+    return reference.rmsnorm_backward(dy, x, rstd, weight, residual)
+
+
+def swiglu_forward(gate_up):
+    """silu(gate) * up.  gate_up [N, 2F] = [gate | up] -> [N, F]."""
+    if _on_core():
+        return _core.swiglu_forward(gate_up)
+    return reference.swiglu_forward(gate_up)
+
+
+def swiglu_backward(da, gate_up):
+    """da [N, F] -> d gate_up [N, 2F]."""
+    if _on_core():
+        return _core.swiglu_backward(da, gate_up)
+    return reference.swiglu_backward(da, gate_up)
+
+
+def rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    """The fused q/k/v projection's output qkv [N, (H + 2 Hkv) D] -> q [N, H, D], k [N, Hkv, D]
+    rotated (pairs i, i + D/2) by each row's angle (cos, sin [N, D/2]), and v [N, Hkv, D]."""
+    if _on_core():
+        return _core.rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    return reference.rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+
+
+def rope_merge(dq, dk, dv, cos, sin):
+    """rope_split's backward: dq [N, H, D], dk, dv [N, Hkv, D] -> dqkv [N, (H + 2 Hkv) D]."""
+    if _on_core():
+        return _core.rope_merge(dq, dk, dv, cos, sin)
+    return reference.rope_merge(dq, dk, dv, cos, sin)
+
+
+def softmax_cross_entropy(logits, labels, scale):
+    """Fused cross-entropy: logits [N, V] (float32/64, C order) are overwritten with
+    scale * (softmax - onehot(labels)), the gradient of scale * sum(loss). labels [N] int in
+    [0, V). -> per-row loss [N] (float64)."""
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if labels.shape != logits.shape[:1] or (labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1])):
+        raise ValueError(f"labels: expected {logits.shape[0]} values in [0, {logits.shape[1]}), got shape "
+                         f"{labels.shape}, range [{labels.min() if labels.size else '-'}, "
+                         f"{labels.max() if labels.size else '-'}]")
+    if _on_core():
+        return _core.softmax_cross_entropy(logits, labels, scale)
+    return reference.softmax_cross_entropy(logits, labels, scale)
+
+
+# GGUF block formats the GEMM reads without expanding: name -> (code in _core, bytes per 32 weights).
+QUANT_FORMATS = {"q4_1": (1, 20), "q8_0": (2, 34)}
+
+
+def _weight_args(w):
+    """(raw array, format code, cols) for _core: a float32 ndarray, or a QuantizedWeight's blocks."""
+    if isinstance(w, np.ndarray):
+        return w, 0, w.shape[1]
+    return w.blocks, QUANT_FORMATS[w.format][0], w.shape[1]
+
+
+def _core_gemm(x2, w):
+    """The C++ GEMM takes float32 rows and a contiguous float32 or quantized weight; anything else
+    (float64 gradient checks, the "numpy" backend) runs the NumPy twin."""
+    if x2.dtype != np.float32 or not _on_core() or not hasattr(_core, "linear_forward"):
+        return False
+    return not isinstance(w, np.ndarray) or (w.dtype == np.float32 and w.flags.c_contiguous)
+
+
+def _weight_values(w, dtype):
+    return w if isinstance(w, np.ndarray) else w.dequantize(dtype)
+
+
+def linear_forward(x, weight, bias=None, *, few_rows=False):
+    """y = x @ weight.T + bias.  x [N, in]; weight [out, in] (an ndarray or a models.quant.QuantizedWeight);
+    bias [out] or None -> y [N, out]. Each output row is summed in one fixed order whatever N and the
+    thread count. few_rows: up to a few rows (generation's decoding) as one dot product per output,
+    reading the weight once (another summation order than the GEMM's)."""
+    if _core_gemm(x, weight):
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        return _core.linear_forward(np.ascontiguousarray(x), *_weight_args(weight), b, few_rows=few_rows)
+    return reference.linear_forward(x, _weight_values(weight, x.dtype), bias)
+
+
+def linear_backward(dy, weight):
+    """dx = dy @ weight.  dy [N, out] -> dx [N, in] (no weight gradient: the model is frozen)."""
+    if _core_gemm(dy, weight):
+        return _core.linear_backward(np.ascontiguousarray(dy), *_weight_args(weight))
+    return reference.linear_backward(dy, _weight_values(weight, dy.dtype))
+
+
+def dequantize(blocks, format, cols):
+    """GGUF blocks uint8 [rows, cols / 32 * bytes per block] -> float32 [rows, cols], bitwise the
+    values of gguf.quants.dequantize."""
+    if format not in QUANT_FORMATS:
+        raise ValueError(f"format: expected one of {sorted(QUANT_FORMATS)}, got {format!r}")
+    if _on_core():
+        return _core.dequantize(blocks, QUANT_FORMATS[format][0], cols)
+    return reference.dequantize(blocks, format, cols)
+
+
+# --------------------------------------------------------------------------- threads
+def set_num_threads(n: int) -> None:
+    """Threads used by the C++ kernels (default: OpenMP's, which honours OMP_NUM_THREADS).
+    Process-wide; without OpenMP the kernels always run on one thread."""
+    if isinstance(n, (bool, np.bool_)):
+        raise TypeError("n: expected an int, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n: expected an int, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"n: expected a thread count >= 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the C++ kernels use."""
+    return _core.get_num_threads()
+
+
+def has_openmp() -> bool:
+    """Whether the core was built with OpenMP (else every kernel runs on one thread)."""
+    return _core.has_openmp()

@@ -1,4 +1,6 @@
-"""NumPy reference: the seed's prompt and prefix tuning, plus the backward passes it leaves out.
+"""NumPy reference: the seed's prompt and prefix tuning, the backward passes it leaves out, and the
+NumPy twin of every other kernel of the C++ core (RMSNorm, SwiGLU, RoPE, the fused softmax
+cross-entropy, the linear layers, GGUF dequantization).
 
 This module is the correctness oracle for the C++ core, the speed baseline in bench/, and the
 documentation of the math. It favours plain, whole-array NumPy over speed: the attention builds
@@ -14,6 +16,16 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "rmsnorm_forward",
+    "rmsnorm_backward",
+    "swiglu_forward",
+    "swiglu_backward",
+    "rope_split",
+    "rope_merge",
+    "softmax_cross_entropy",
+    "linear_forward",
+    "linear_backward",
+    "dequantize",
     "PromptTuning",
     "PrefixTuning",
     "attention",
@@ -46,7 +58,7 @@ class PromptTuning:
 
     def __init__(self, d_model: int, prompt_length: int = 20, rng=None):
         rng = np.random.default_rng() if rng is None else rng
-        self.d_model = d_model  # the seed forgot this one
+        self.d_model = d_model
         self.prompt_length = prompt_length
         self.prompt = rng.standard_normal((prompt_length, d_model)) * 0.01  # [P, d_model]
         self.prompt_grad = None
@@ -182,3 +194,107 @@ def prefix_attention_backward(
         dprefix_k, dprefix_v = dprefix_k.sum(axis=0), dprefix_v.sum(axis=0)
     cast = lambda a: np.ascontiguousarray(a, dtype=q.dtype)  # noqa: E731
     return cast(dq), cast(dk_full[:, P:]), cast(dv_full[:, P:]), cast(dprefix_k), cast(dprefix_v)
+
+
+# --------------------------------------------------------------------------- the frozen model's kernels
+# Twins of cpp/layers.cpp, cpp/linear.cpp and cpp/quant.cpp (see softprompt.ops for the contracts).
+def rmsnorm_forward(x, weight, eps):
+    """x [N, C], weight [C] -> y = x / rms(x) * weight [N, C], rstd [N]."""
+    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1) + eps)
+    return x * rstd[:, None] * weight, rstd.astype(x.dtype)
+
+
+def rmsnorm_backward(dy, x, rstd, weight, residual=None):
+    """dy, x [N, C], rstd [N] -> dx [N, C] (+ residual)."""
+    # dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * rstd
+    xhat, g = x * rstd[:, None], dy * weight
+    dx = rstd[:, None] * (g - xhat * np.mean(g * xhat, axis=-1, keepdims=True))
+    return dx if residual is None else dx + residual
+
+
+def sigmoid(x):
+    e = np.exp(-np.abs(x))  # never overflows
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def swiglu_forward(gate_up):
+    """gate_up [N, 2F] = [gate | up] -> silu(gate) * up [N, F]."""
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate * sigmoid(gate) * up
+
+
+def swiglu_backward(da, gate_up):
+    """da [N, F] -> d gate_up [N, 2F]."""
+    # d silu(g)/dg = sig * (1 + g * (1 - sig))
+    gate, up = np.split(gate_up, 2, axis=-1)
+    sig = sigmoid(gate)
+    return np.concatenate([da * up * sig * (1.0 + gate * (1.0 - sig)), da * gate * sig], axis=-1)
+
+
+def _rotate(x, cos, sin):  # x [N, heads, D], cos/sin [N, D/2]: pairs (i, i + D/2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None], sin[:, None]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def rope_split(qkv, cos, sin, num_heads, num_kv_heads, head_dim):
+    """qkv [N, (H + 2 Hkv) D] -> rotated q [N, H, D], rotated k [N, Hkv, D], v [N, Hkv, D]."""
+    N, H, D = qkv.shape[0], num_heads, head_dim
+    q, k, v = np.split(qkv.reshape(N, -1, D), [H, H + num_kv_heads], axis=1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v.copy()
+
+
+def rope_merge(dq, dk, dv, cos, sin):
+    """rope_split's backward -> dqkv [N, (H + 2 Hkv) D]."""
+    # The rotation is orthogonal: its backward rotates by the negative angle.
+    d = np.concatenate([_rotate(dq, cos, -sin), _rotate(dk, cos, -sin), dv], axis=1)
+    return d.reshape(dq.shape[0], -1)
+
+
+def log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax_cross_entropy(logits, labels, scale):
+    """logits [N, V] overwritten with scale * (softmax - onehot(labels)) -> per-row loss [N] (float64)."""
+    logp = log_softmax(logits.astype(np.float64))
+    rows = np.arange(logits.shape[0])
+    loss = -logp[rows, labels]
+    d = np.exp(logp)
+    d[rows, labels] -= 1.0
+    logits[...] = d * scale
+    return loss
+
+
+def linear_forward(x, weight, bias=None):
+    """x [N, in], weight [out, in], bias [out] -> [N, out]."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(dy, weight):
+    """dy [N, out] -> dx [N, in]."""
+    return dy @ weight
+
+
+_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
+
+
+def dequantize(blocks, format, cols):
+    """GGUF blocks uint8 [rows, cols / 32 * bytes] -> float32 [rows, cols].
+    q4_1: fp16 d, fp16 m, 16 bytes of nibbles: w[j] = d * (b[j] & 15) + m, w[16 + j] = d * (b[j] >> 4) + m
+    q8_0: fp16 d, 32 int8: w[j] = d * b[j]"""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, cols // 32, _BLOCK_BYTES[format])
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, blocks, 1]
+    if format == "q4_1":
+        m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+        q = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).astype(np.float32)
+        out = d * q + m  # two roundings, as gguf's dequantizer (NumPy never fuses them)
+    else:
+        out = b[..., 2:].view(np.int8).astype(np.float32) * d
+    return out.reshape(rows, cols)

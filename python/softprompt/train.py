@@ -12,16 +12,16 @@ import io
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import data as data_mod
-from . import heads
-from .adapters import PrefixTuning, PromptTuning, _atomic_write
+from . import losses
+from .adapters import PrefixProjection, PrefixTuning, PromptTuning, _atomic_write
 
 # Defaults per method, chosen by experiment on the default job (see README).
 # With --prefix-projection every Adam step moves the prefix through a 256-wide MLP: the same 5e-3
@@ -61,7 +61,6 @@ class TrainConfig:
     labels: list | None = None
     max_eval: int | None = None  # cap on evaluated examples per split (quick runs)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def resolved(self):
         c = TrainConfig(**asdict(self))
@@ -126,64 +125,6 @@ def clip_gradients(grads, max_norm):
     return norm
 
 
-# --------------------------------------------------------------------------- prefix projection
-class PrefixProjection(PrefixTuning):
-    """Li & Liang's reparameterization: prefix = base + MLP(embedding), MLP = Linear-tanh-Linear.
-    The trainable arrays are the embedding [P, Hkv*D] and the MLP; `base` is the (fixed) start,
-    e.g. the model's own keys and values for a text, and the last layer starts at zero, so training
-    starts from exactly `base`. Saved merged into a plain prefix (PEFT's prefix_projection=False)."""
-
-    def __init__(self, base, hidden, seed=0):
-        L, _, P, H, D = base.shape
-        rng = np.random.default_rng(seed)
-        self.base = np.ascontiguousarray(base, dtype=np.float32)
-        width = L * 2 * H * D
-        self.emb = rng.standard_normal((P, H * D)).astype(np.float32)
-        self.w1 = (rng.standard_normal((hidden, H * D)) / math.sqrt(H * D)).astype(np.float32)
-        self.b1 = np.zeros(hidden, dtype=np.float32)
-        self.w2 = np.zeros((width, hidden), dtype=np.float32)
-        self.b2 = np.zeros(width, dtype=np.float32)
-
-    @property
-    def prefix(self):
-        return self.prefix_matrix()
-
-    @prefix.setter
-    def prefix(self, value):  # PrefixTuning's constructor is not used here
-        raise AttributeError("PrefixProjection: the prefix is computed; set emb/w1/b1/w2/b2")
-
-    @property
-    def num_virtual_tokens(self):
-        return self.base.shape[2]
-
-    def parameters(self):
-        return {"emb": self.emb, "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
-
-    def _mlp(self):
-        h = np.tanh(self.emb @ self.w1.T + self.b1)  # [P, hidden]
-        return h, h @ self.w2.T + self.b2  # [P, L*2*H*D] in PEFT's column order
-
-    def prefix_matrix(self):
-        L, _, P, H, D = self.base.shape
-        _, out = self._mlp()
-        return self.base + out.reshape(P, L, 2, H, D).transpose(1, 2, 0, 3, 4)
-
-    def gradients(self, grads):
-        L, _, P, H, D = self.base.shape
-        dout = grads["prefix"].transpose(2, 0, 1, 3, 4).reshape(P, L * 2 * H * D)
-        h, _ = self._mlp()
-        dz = (dout @ self.w2) * (1 - h * h)
-        return {"emb": dz @ self.w1, "w1": dz.T @ self.emb, "b1": dz.sum(0), "w2": dout.T @ h, "b2": dout.sum(0)}
-
-    def merged(self):
-        out = PrefixTuning(self.prefix_matrix())
-        out.base_model_name_or_path, out.task_type = self.base_model_name_or_path, self.task_type
-        return out
-
-    def save_pretrained(self, directory):
-        self.merged().save_pretrained(directory)
-
-
 def make_adapter(model, cfg, label_ids=None):
     """A fresh adapter for the resolved TrainConfig (label_ids: for the "labels" init)."""
     P = cfg.num_virtual_tokens
@@ -214,31 +155,31 @@ class Task:
             enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template)  # noqa: E731
         else:
             self.labels, self.label_ids = [], []
-            eos = model.config.extra.get("eos_token_id")
+            eos = model.config.eos_token_id
             enc = lambda e: data_mod.encode_generation(tok, e, eos)  # noqa: E731
         self.train = [enc(e) for e in dataset.train]
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
 
-    def loss_and_grads(self, adapter, batch, length=None, total=None, reduce_prompt=None, raw=False):
+    def loss_and_grads(self, adapter, batch, length=None, total=None, prompt_sum=None, raw=False):
         """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
         `weight` items (examples for classification, target tokens for generation), or, with
         total, their sum divided by total (a shard of a bigger batch: each of its rows then gets
         the exact gradient it has in the whole batch). length: pad to at least this many tokens.
-        reduce_prompt: see Transformer.backward. raw: the model's gradient of the prompt or prefix
+        prompt_sum: see Transformer.backward. raw: the model's gradient of the prompt or prefix
         itself ({"prompt"} or {"prefix"}), before the adapter maps it to its parameters."""
         ids, mask = data_mod.pad_batch(batch, length=length)
         hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
             pos = mask.sum(1) - 1
             labels = np.array([e.answer for e in batch])
-            loss, dh, _ = heads.label_word_loss(self.model, hidden, pos, self.label_ids, labels, total)
+            loss, dh, _ = losses.label_word_loss(self.model, hidden, pos, self.label_ids, labels, total)
             weight = len(batch)
         else:
             targets, loss_mask = _next_token_targets(ids, mask, batch)
-            loss, dh = heads.lm_loss(self.model, hidden, targets, loss_mask, total)
+            loss, dh = losses.lm_loss(self.model, hidden, targets, loss_mask, total)
             weight = int(loss_mask.sum())
-        grads = self.model.backward(dh, cache, reduce_prompt)
+        grads = self.model.backward(dh, cache, prompt_sum)
         grads = {k: grads[k] for k in ("prompt", "prefix") if k in grads} if raw else adapter.gradients(grads)
         return loss, grads, int(mask.sum()), weight
 
@@ -260,12 +201,12 @@ class Task:
             ids, mask = data_mod.pad_batch(batch)
             hidden = self.model.forward(ids, mask, adapter=adapter)
             if self.kind == "classification":
-                logits = heads.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
+                logits = losses.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
                 correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
             else:  # a sum over target tokens, whatever batches they fall in
                 target_ids, loss_mask = _next_token_targets(ids, mask, batch)
                 if loss_mask.any():
-                    loss_sum += heads.lm_loss(self.model, hidden, target_ids, loss_mask, total=1)[0]
+                    loss_sum += losses.lm_loss(self.model, hidden, target_ids, loss_mask, total=1)[0]
                     targets += int(loss_mask.sum())
         if comm is not None and comm.size > 1:
             correct, loss_sum, targets = comm.allreduce_sum(np.array([correct, loss_sum, targets]))
@@ -278,7 +219,7 @@ class Task:
         e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
                                            self.labels, self.template)
         hidden = self.model.forward(np.array([e.ids]), adapter=adapter)
-        logits = heads.label_word_logits(self.model, hidden, np.array([len(e.ids) - 1]), self.label_ids)
+        logits = losses.label_word_logits(self.model, hidden, np.array([len(e.ids) - 1]), self.label_ids)
         return self.labels[int(logits.argmax())]
 
 
@@ -339,15 +280,55 @@ def micro_batches(task, cfg, epoch):
     return data_mod.bucketed_batches(task.train, cfg.batch_size, rng)
 
 
-def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None):
+@dataclass
+class Run:
+    """Everything one training job holds: the resolved config, the model's task, the adapter and its
+    optimizer, the output folder, and the state a checkpoint saves (see `train`)."""
+
+    cfg: TrainConfig
+    comm: object  # distributed.SingleProcess or MPIWorld
+    task: Task
+    adapter: object
+    opt: AdamW
+    total: int  # optimizer steps of the whole run
+    out: Path
+    log: Callable
+    state: dict = field(default_factory=lambda: {
+        "step": 0, "history": [], "evals": [], "best": None, "best_step": None, "since_best": 0,
+        "train_seconds": 0.0, "eval_seconds": 0.0, "tokens": 0, "best_params": None})
+
+    @property
+    def metric(self):
+        return "accuracy" if self.task.kind == "classification" else "loss"
+
+    def better(self, a, b):
+        return a > b if self.task.kind == "classification" else a < b
+
+
+def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None, on_step=None):
     """Runs the job described by cfg. -> metrics dict (also written to OUTPUT/metrics.json).
+
+    on_step(run): called after every optimizer step (and its evaluation and checkpoint), with the
+    `Run` (its .state["step"] is the step just done); raising there ends the run like an
+    interruption (tests use it to stop or kill a run at a given step).
 
     Under an MPI launcher with several processes (see `softprompt.distributed`), data-parallel:
     every rank holds the model and takes its contiguous share of each global micro-batch; one
     allreduce per step sums the adapter's gradient (weighted by examples or target tokens, so the
     loss means what it means in one process), and every rank applies the same AdamW update. Rank 0
     alone logs, shows progress and writes files; evaluation is sharded and reduced."""
-    from . import get_num_threads, load_model, set_num_threads
+    run = _setup(cfg, model, dataset, log, comm)
+    if run.cfg.resume:
+        _resume(run)
+    else:
+        _start(run)
+    _loop(run, on_step)
+    return _finish(run)
+
+
+def _setup(cfg, model, dataset, log, comm):
+    """Threads, model, data, adapter and optimizer, on every rank (any rank's failure stops all)."""
+    from . import load_model, set_num_threads
     from .distributed import world
 
     comm = comm or world()
@@ -358,8 +339,7 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None):
     if threads:
         set_num_threads(threads)
         _limit_blas_threads(threads)
-    out = Path(cfg.resume or cfg.output)
-    error = None
+    error = task = None
     try:  # every rank loads its own copy; a failure anywhere stops every rank with all the reasons
         model = model or load_model(cfg.model)
         if dataset is None:
@@ -368,96 +348,114 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None):
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
-    adapter = make_adapter(model, cfg, task.label_ids)
-    params = adapter.parameters()
-    opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
+    adapter = make_adapter(task.model, cfg, task.label_ids)
+    opt = AdamW(adapter.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(task.train) / (cfg.batch_size * cfg.grad_accum)))
     total = int(round(cfg.epochs * steps_per_epoch)) if cfg.epochs else cfg.max_steps
-    state = {"step": 0, "history": [], "evals": [], "best": None, "best_step": None, "since_best": 0,
-             "train_seconds": 0.0, "eval_seconds": 0.0, "tokens": 0, "best_params": None}
-    ckpt = out / CHECKPOINT
-    if not cfg.resume and comm.rank == 0:  # what `--resume DIR` continues with
-        saved = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "extra", "progress")}
-        _atomic_write(out / "run_config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
-    if cfg.resume:  # rank 0 reads the checkpoint; every rank restores it from rank 0's bytes
-        content = None
-        if comm.rank == 0:
-            content = ckpt.read_bytes() if ckpt.exists() else FileNotFoundError(f"resume: {ckpt} does not exist")
-        content = comm.bcast(content)
-        if isinstance(content, Exception):
-            raise content
-        state = load_checkpoint(ckpt, adapter, opt, content)
-        log(f"resuming {out} at step {state['step']} of {total}")
-    metric = "accuracy" if task.kind == "classification" else "loss"
-    better = (lambda a, b: a > b) if task.kind == "classification" else (lambda a, b: a < b)
-    if not cfg.resume:
-        n_test = min(len(task.test), cfg.max_eval or len(task.test))
-        ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
-        log(f"{len(task.train)} training examples{ranks}; evaluating the start on {n_test} test examples...")
-        state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm)
-        state["initial"] = task.evaluate(adapter, task.test, limit=cfg.max_eval, comm=comm)
-        log(f"zero-shot test {metric} (frozen model, no adapter): {state['zero_shot']:.4f}; "
-            f"with the initialized {cfg.method} adapter: {state['initial']:.4f}")
-    if cfg.progress and comm.rank == 0:
-        adapter.print_trainable_parameters(model)
+    return Run(cfg, comm, task, adapter, opt, total, Path(cfg.resume or cfg.output), log)
 
-    bar = _progress(total, state["step"], cfg.progress and comm.rank == 0)
+
+def _start(run):
+    """A new run: saves its settings (what `--resume DIR` continues with) and evaluates the start."""
+    cfg, comm, task = run.cfg, run.comm, run.task
+    if comm.rank == 0:
+        saved = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")}
+        _atomic_write(run.out / "run_config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
+    n_test = min(len(task.test), cfg.max_eval or len(task.test))
+    ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
+    run.log(f"{len(task.train)} training examples{ranks}; evaluating the start on {n_test} test examples...")
+    run.state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm)
+    run.state["initial"] = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm)
+    run.log(f"zero-shot test {run.metric} (frozen model, no adapter): {run.state['zero_shot']:.4f}; "
+            f"with the initialized {cfg.method} adapter: {run.state['initial']:.4f}")
+
+
+def _resume(run):
+    """Rank 0 reads the checkpoint; every rank restores adapter, optimizer and state from its bytes."""
+    ckpt = run.out / CHECKPOINT
+    content = None
+    if run.comm.rank == 0:
+        content = ckpt.read_bytes() if ckpt.exists() else FileNotFoundError(f"resume: {ckpt} does not exist")
+    content = run.comm.bcast(content)
+    if isinstance(content, Exception):
+        raise content
+    run.state = load_checkpoint(ckpt, run.adapter, run.opt, content)
+    run.log(f"resuming {run.out} at step {run.state['step']} of {run.total}")
+
+
+def _loop(run, on_step):
+    """Optimizer steps until the run's total or an early stop; evaluations and checkpoints."""
+    cfg, comm, task, state = run.cfg, run.comm, run.task, run.state
+    if cfg.progress and comm.rank == 0:
+        run.adapter.print_trainable_parameters(task.model)
+    bar = _progress(run.total, state["step"], cfg.progress and comm.rank == 0)
     epoch, batches, cursor = _position(task, cfg, state["step"])
     t_start = time.perf_counter() - state["train_seconds"]
-    stopped_early = False
-    kill_at = _test_kill_step(comm.rank)
-    while state["step"] < total:
-        step = state["step"]
-        # Gradient accumulation and data parallelism: the step's loss is the mean over every example
-        # (or target token) of its micro-batches, however they are split over ranks. Each part
-        # divides its sum by that global count, so every row gets exactly the gradient it has in one
-        # big batch; the parts are added in float64, in one buffer for one allreduce.
-        micro = []
-        for _ in range(cfg.grad_accum):
-            if cursor >= len(batches):
-                epoch, batches, cursor = epoch + 1, micro_batches(task, cfg, epoch + 1), 0
-            micro.append(batches[cursor])
-            cursor += 1
-        grads_sum, loss_mean, tokens = step_gradients(task, adapter, micro, comm)
-        gnorm = clip_gradients(grads_sum, cfg.clip)
-        lr = learning_rate(step, total, cfg.lr, cfg.warmup, cfg.schedule)
-        opt.step(grads_sum, lr)
-        state["step"] = step + 1
-        state["tokens"] += tokens
-        state["train_seconds"] = time.perf_counter() - t_start
-        state["history"].append({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": gnorm})
+    try:
+        while state["step"] < run.total:
+            step = state["step"]
+            # Gradient accumulation and data parallelism: the step's loss is the mean over every
+            # example (or target token) of its micro-batches, however they are split over ranks
+            # (step_gradients).
+            micro = []
+            for _ in range(cfg.grad_accum):
+                if cursor >= len(batches):
+                    epoch, batches, cursor = epoch + 1, micro_batches(task, cfg, epoch + 1), 0
+                micro.append(batches[cursor])
+                cursor += 1
+            grads, loss, tokens = step_gradients(task, run.adapter, micro, comm)
+            gnorm = clip_gradients(grads, cfg.clip)
+            lr = learning_rate(step, run.total, cfg.lr, cfg.warmup, cfg.schedule)
+            run.opt.step(grads, lr)
+            state["step"] = step + 1
+            state["tokens"] += tokens
+            state["train_seconds"] = time.perf_counter() - t_start
+            state["history"].append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{_tokens_per_second(state):.0f}")
+                bar.update(1)
+            stop = False
+            if state["step"] % cfg.eval_every == 0 or state["step"] == run.total:
+                stop = _validate(run, bar)
+            if comm.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == run.total or stop):
+                save_checkpoint(run.out / CHECKPOINT, run.adapter, run.opt, state)
+            if stop:
+                _write_line(bar, run.log, f"early stop: no validation improvement in {cfg.patience} evaluations")
+                break
+            if on_step is not None:
+                on_step(run)
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{_tokens_per_second(state):.0f}")
-            bar.update(1)
-        if state["step"] % cfg.eval_every == 0 or state["step"] == total:
-            t_eval = time.perf_counter()
-            value = task.evaluate(adapter, task.validation, limit=cfg.max_eval, comm=comm)
-            state["eval_seconds"] += time.perf_counter() - t_eval
-            state["evals"].append({"step": state["step"], f"validation_{metric}": value})
-            if state["best"] is None or better(value, state["best"]):
-                state["best"], state["best_step"], state["since_best"] = value, state["step"], 0
-                state["best_params"] = {k: v.copy() for k, v in params.items()}
-            else:
-                state["since_best"] += 1
-            _write_line(bar, log, f"step {state['step']}: validation {metric} {value:.4f} (best {state['best']:.4f} "
-                                  f"at step {state['best_step']})")
-            if cfg.patience and state["since_best"] >= cfg.patience:
-                stopped_early = True
-        if comm.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == total or stopped_early):
-            save_checkpoint(ckpt, adapter, opt, state)
-        if stopped_early:
-            _write_line(bar, log, f"early stop: no validation improvement in {cfg.patience} evaluations")
-            break
-        if cfg.extra.get("stop_after") == state["step"]:  # tests: an interruption right after a step
-            raise KeyboardInterrupt(f"stopped after step {state['step']}")
-        if kill_at == state["step"]:  # tests: this rank dies (SIGKILL) right after a step
-            os.kill(os.getpid(), signal.SIGKILL)
-    if bar is not None:
-        bar.close()
+            bar.close()
+
+
+def _validate(run, bar):
+    """Evaluates on the validation split, keeps the best adapter. -> True to stop early."""
+    state = run.state
+    t_eval = time.perf_counter()
+    value = run.task.evaluate(run.adapter, run.task.validation, limit=run.cfg.max_eval, comm=run.comm)
+    state["eval_seconds"] += time.perf_counter() - t_eval
+    state["evals"].append({"step": state["step"], f"validation_{run.metric}": value})
+    if state["best"] is None or run.better(value, state["best"]):
+        state["best"], state["best_step"], state["since_best"] = value, state["step"], 0
+        state["best_params"] = {k: v.copy() for k, v in run.adapter.parameters().items()}
+    else:
+        state["since_best"] += 1
+    _write_line(bar, run.log, f"step {state['step']}: validation {run.metric} {value:.4f} (best {state['best']:.4f} "
+                              f"at step {state['best_step']})")
+    return bool(run.cfg.patience and state["since_best"] >= run.cfg.patience)
+
+
+def _finish(run):
+    """The test evaluation, and (rank 0) the adapter, its task description, metrics and curves."""
+    from . import get_num_threads
+
+    cfg, comm, task, state, out = run.cfg, run.comm, run.task, run.state, run.out
     if state.get("best_params") is not None and cfg.patience:  # early stopping keeps the best
         for k, v in state["best_params"].items():
-            params[k][...] = v
-    final = task.evaluate(adapter, task.test, limit=cfg.max_eval, comm=comm)
+            run.adapter.parameters()[k][...] = v
+    final = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm)
+    metric = run.metric
     metrics = {
         f"zero_shot_{metric}": state.get("zero_shot"),
         f"initial_{metric}": state.get("initial"),
@@ -471,18 +469,18 @@ def train(cfg: TrainConfig, model=None, dataset=None, log=print, comm=None):
         "evals": state["evals"],
         "threads": get_num_threads(),
         "ranks": comm.size,
-        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "config": asdict(cfg),
     }
     if comm.rank == 0:
-        adapter.save_pretrained(out)
+        run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
                      "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model}
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
         _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         _plot(out / "training_curves.png", state, metric)
-    log(f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f}); {state['step']} steps in "
-        f"{metrics['train_seconds']:.0f} s (validation included), {metrics['tokens_per_second']:.0f} tokens/s; "
-        f"adapter in {out}")
+    run.log(f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f}); {state['step']} steps in "
+            f"{metrics['train_seconds']:.0f} s (validation included), {metrics['tokens_per_second']:.0f} tokens/s; "
+            f"adapter in {out}")
     return metrics
 
 
@@ -503,17 +501,16 @@ def step_gradients(task, adapter, micro, comm):
     shape = adapter.prompt_matrix().shape if name == "prompt" else adapter.prefix_matrix().shape
     total = np.zeros(shape, dtype=np.float64)
     loss_sum, tokens = 0.0, 0
-    # Prompt tuning's shared prompt rows (models.base): their backward uses, layer by layer, what the
-    # whole batch gives them (reduced inside the model's backward), so every rank holds the same
-    # prompt gradient, and one rank (the first with rows to add) adds it.
+    # Prompt tuning's shared prompt rows (models.base): their backward sums, layer by layer, what
+    # every rank's rows give them (the model's backward calls prompt_sum), so every rank holds the
+    # whole batch's prompt gradient, and one rank (the first with rows to add) adds it.
     shared = comm.size > 1 and task.model.shares_prompt_rows(adapter)
     for batch in micro:
         parts = [[i for i in shard(batch, r, comm.size) if task.weight(task.train[i])] for r in range(comm.size)]
         mine = parts[comm.rank]
         if not mine:  # no example (a batch smaller than the world) or no target token: nothing to add...
-            if shared and any(parts):  # ...but the others' model backward reduces with this rank
-                for n in task.model.shared_prompt_reductions(adapter):
-                    comm.allreduce_sum(np.zeros(n))
+            if shared and any(parts):  # ...but the model's backward sums with the ranks that have rows
+                _empty_backward(task.model, adapter, comm.allreduce_sum)
             continue
         # Padded to the global batch's length: each row then computes exactly as in one process.
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
@@ -527,6 +524,14 @@ def step_gradients(task, adapter, micro, comm):
     mapped = adapter.gradients({name: flat[:-2].reshape(shape).astype(params[next(iter(params))].dtype)})
     grads_sum = {k: np.asarray(g, dtype=params[k].dtype).reshape(params[k].shape) for k, g in mapped.items()}
     return grads_sum, float(flat[-2]), int(flat[-1])
+
+
+def _empty_backward(model, adapter, prompt_sum):
+    """The forward and backward of a batch of no rows (the shared prompt rows alone), so that this
+    rank takes part in every sum the other ranks' backward makes, whatever their sequence."""
+    empty = np.zeros((0, 1, model.config.hidden_size), dtype=model.dtype)
+    _, cache = model.forward(None, inputs_embeds=empty, adapter=adapter, keep_cache=True)
+    model.backward(empty, cache, prompt_sum=prompt_sum)
 
 
 def _quiet(*args, **kwargs):
@@ -552,15 +557,6 @@ def _limit_blas_threads(n):
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(n, user_api="blas")
-
-
-def _test_kill_step(rank):
-    """Tests of fault handling: SOFTPROMPT_TEST_KILL="RANK:STEP" kills that rank after that step."""
-    value = os.environ.get("SOFTPROMPT_TEST_KILL", "")
-    if ":" not in value:
-        return None
-    r, step = value.split(":", 1)
-    return int(step) if int(r) == rank else None
 
 
 def _tokens_per_second(state):

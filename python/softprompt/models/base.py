@@ -11,6 +11,7 @@ count real tokens only), so left- and right-padded batches give each sequence th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -21,7 +22,9 @@ from .quant import QuantizedWeight
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama", "gpt2" or "bert"
+    """The frozen model's shape and settings, read from config.json or GGUF metadata."""
+
+    arch: str  # the model file that runs it: "llama", "gpt2" or "bert"
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -38,7 +41,38 @@ class ModelConfig:
     model_type: str = ""  # the Hugging Face model_type it came from (llama, qwen2, gpt2, bert)
     name_or_path: str = ""
     causal: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None  # generation stops here; appended to generation targets
+    pad_token_id: int | None = None
+
+
+@dataclass
+class RopeTables:
+    """Rotary angles of every row the layers see: cos, sin [N = B*L, head_dim/2]."""
+
+    cos: np.ndarray
+    sin: np.ndarray
+
+
+@dataclass
+class KVCache:
+    """Generation's keys and values so far, per layer: layer -> (k, v) [B, S, Hkv, D]."""
+
+    layers: dict = field(default_factory=dict)
+
+
+@dataclass
+class PackedPrompt:
+    """Prompt tuning's shared prompt rows (see Transformer.share_prompt_rows): the layers see one
+    sequence [1, P + B*T], the prompt's P rows first, then the batch's B rows of T tokens."""
+
+    num_virtual_tokens: int  # P
+    batch: int  # B; 0 for a process that holds no rows of a data-parallel batch
+    length: int  # T
+    key_mask: np.ndarray | None  # bool [B, T] (True = real token), or None when nothing is padded
+    # Backward only (data parallelism): sums a float64 vector over every process holding part of
+    # the batch; see Transformer.backward's prompt_sum.
+    prompt_sum: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -48,7 +82,23 @@ class Context:
     positions: np.ndarray  # [B, L] int: position of every row of the sequence the layers see
     key_mask: np.ndarray | None  # bool [B, L] (True = real token), or None when nothing is padded
     prefix: np.ndarray | None  # [num_layers, 2, (B,) P, Hkv, D] or None
-    extra: dict = field(default_factory=dict)  # per-architecture tables (RoPE cos/sin, token types)
+    rope: RopeTables | None = None  # set by the model's prepare() (RoPE models)
+    token_type_ids: np.ndarray | None = None  # int [B, L] (BERT; None = all type 0)
+    kv_cache: KVCache | None = None  # generation: keys and values are appended here
+    packed: PackedPrompt | None = None  # shared prompt rows: attention tells prompt and batch apart
+
+
+@dataclass
+class ForwardCache:
+    """What `Transformer.backward` reads, from `forward(..., keep_cache=True)`."""
+
+    ctx: Context
+    kind: str | None  # "prompt", "prefix" or None (no adapter)
+    num_virtual_tokens: int  # P (0 without an adapter)
+    length: int  # L: the rows per sequence the layers saw (P + T after a prepended prompt)
+    embed: object  # the embedding stage's cache
+    blocks: list  # one cache per layer
+    final: object  # the final norm's cache
 
 
 def _as_ids(input_ids, vocab_size):
@@ -158,22 +208,21 @@ class Transformer:
         """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D].
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
-        packed = ctx.extra.get("packed_prompt")
-        if packed is not None:
-            return self._packed_attention(q, k, v, packed)
+        if ctx.packed is not None:
+            return self._packed_attention(q, k, v, ctx.packed)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        cache = ctx.extra.get("kv_cache")
-        if cache is not None:
-            if i in cache:
-                k = np.concatenate([cache[i][0], k], axis=1)
-                v = np.concatenate([cache[i][1], v], axis=1)
-            cache[i] = (k, v)
+        if ctx.kv_cache is not None:
+            cached = ctx.kv_cache.layers
+            if i in cached:
+                k = np.concatenate([cached[i][0], k], axis=1)
+                v = np.concatenate([cached[i][1], v], axis=1)
+            cached[i] = (k, v)
         return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask)
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
-        packed = ctx.extra.get("packed_prompt")
-        if packed is not None:
-            return self._packed_attention_backward(i, dout, q, k, v, out, lse, packed, ctx)
+        """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
+        if ctx.packed is not None:
+            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
         return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask)
 
@@ -185,27 +234,36 @@ class Transformer:
         return a[:, :P], a[0, P:].reshape(B, T, *a.shape[2:])
 
     def _packed_attention(self, q, k, v, packed):
-        P, B, T, mask = packed
+        P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb) = (self._unpack(a, P, B, T) for a in (q, k, v))
         empty = kp[0, :0]
         out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True)
-        out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True, key_padding_mask=mask)
+        if B == 0:  # a data-parallel process without rows: the prompt's own rows only
+            return out_p, (lse_p, None)
+        out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True,
+                                                    key_padding_mask=packed.key_mask)
         out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
         return out, (lse_p, lse_b)
 
-    def _packed_attention_backward(self, i, dout, q, k, v, out, lse, packed, ctx):
-        P, B, T, mask = packed
+    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed):
+        P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
         empty = kp[0, :0]
-        dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True, mask)
+        if B:
+            dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True,
+                                                                  packed.key_mask)
+        else:
+            dq_b = dk_b = dv_b = None
+            dpk = dpv = np.zeros(kp.shape[1:], dtype=np.float64)
         dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True)
-        reduce = ctx.extra.get("reduce_prompt_kv")
-        if reduce is not None:  # data parallelism: the batch's rows on every process
-            dpk, dpv = np.split(reduce(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
+        if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
+            dpk, dpv = np.split(packed.prompt_sum(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
         dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
         dv_p[0] += dpv.reshape(dv_p.shape[1:]).astype(dv_p.dtype)  # served every row of the batch
-        join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
         empty_grad = np.zeros_like(empty)
+        if B == 0:
+            return dq_p, dk_p, dv_p, empty_grad, empty_grad
+        join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
         return join(dq_p, dq_b), join(dk_p, dk_b), join(dv_p, dv_b), empty_grad, empty_grad
 
     def _layer_prefix(self, i, ctx, dtype):
@@ -220,32 +278,34 @@ class Transformer:
         """Hidden states after the final norm for the T input tokens.
 
         input_ids [B, T] (or inputs_embeds [B, T, C] instead), attention_mask [B, T] (1 = real
-        token; left or right padding). adapter: a PromptTuning or PrefixTuning (or None).
-        token_type_ids [B, T] (BERT only; default 0).
+        token; left or right padding). adapter: a PromptTuning, PrefixTuning or PrefixProjection
+        (or None). token_type_ids [B, T] (BERT only; default 0).
         -> hidden [B, T, C] (with keep_virtual and prompt tuning: [B, P+T, C], the prompt's rows
-        first), and with keep_cache the cache for `backward`.
+        first), and with keep_cache the ForwardCache for `backward`.
+        Where `shares_prompt_rows(adapter)`, inputs_embeds may hold B = 0 rows: the prompt's rows
+        alone (a data-parallel process without rows of its own; see `backward`).
         """
+        shared = token_type_ids is None and self.shares_prompt_rows(adapter)
         if inputs_embeds is None:
             x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
         else:
-            x = self._as_rows("inputs_embeds", inputs_embeds)
+            x = self._as_rows("inputs_embeds", inputs_embeds, allow_empty_batch=shared)
         B, T = x.shape[:2]
         mask = _as_mask(attention_mask, (B, T))
-        if token_type_ids is None and self.shares_prompt_rows(adapter):
+        if shared:
             return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual)
         kind, P, x, ctx = self.inject(adapter, x, mask)
         if token_type_ids is not None:
             types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
             if kind == "prompt":
                 types = np.concatenate([np.zeros((B, P), dtype=np.int64), types], axis=1)
-            ctx.extra["token_type_ids"] = types
+            ctx.token_type_ids = types
         h, embed_cache, caches, final_cache = self.run(x, ctx, keep_cache)
         if kind == "prompt" and not keep_virtual:
             h = h[:, P:]
         if not keep_cache:
             return h
-        return h, {"ctx": ctx, "embed": embed_cache, "blocks": caches, "final": final_cache, "kind": kind, "P": P,
-                   "length": x.shape[1]}
+        return h, ForwardCache(ctx, kind, P, x.shape[1], embed_cache, caches, final_cache)
 
     def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual):
         """forward for prompt tuning of a causal model (see share_prompt_rows): the prompt's rows and
@@ -255,22 +315,21 @@ class Transformer:
         B, T, C = x.shape
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + P  # input tokens follow the prompt
         rows = np.concatenate([prompt, x.reshape(B * T, C)])[None]
+        packed = PackedPrompt(P, B, T, None if mask.all() else mask)
         ctx = Context(positions=np.concatenate([np.arange(P), pos.reshape(-1)])[None], key_mask=None, prefix=None,
-                      extra={"packed_prompt": (P, B, T, None if mask.all() else mask)})
+                      packed=packed)
         h, embed_cache, caches, final_cache = self.run(rows, ctx, keep_cache)
         out = h[0, P:].reshape(B, T, C)
         if keep_virtual:
             out = np.concatenate([np.broadcast_to(h[:, :P], (B, P, C)), out], axis=1)
         if not keep_cache:
             return out
-        return out, {"shared_prompt": True, "ctx": ctx, "P": P, "embed": embed_cache, "blocks": caches,
-                     "final": final_cache}
+        return out, ForwardCache(ctx, "prompt", P, P + T, embed_cache, caches, final_cache)
 
-    def _backward_shared_prompt(self, dhidden, cache, reduce=None):
-        """backward of _forward_shared_prompt. reduce (data parallelism, see `backward`): what the
-        prompt rows get from the batch's rows is summed over all processes before it is used."""
-        ctx, P = cache["ctx"], cache["P"]
-        _, B, T, _ = ctx.extra["packed_prompt"]
+    def _backward_shared_prompt(self, dhidden, cache, prompt_sum):
+        """backward of _forward_shared_prompt (prompt_sum: see `backward`)."""
+        ctx, P = cache.ctx, cache.num_virtual_tokens
+        B, T = ctx.packed.batch, ctx.packed.length
         if dhidden.shape[:2] not in ((B, T), (B, P + T)):
             raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {P + T}, C] after keep_virtual) like "
                              f"forward's output, got {dhidden.shape}")
@@ -280,35 +339,32 @@ class Transformer:
         if dhidden.shape[1] == P + T:
             top = dhidden[:, :P].sum(axis=0, dtype=np.float64)
             dhidden = dhidden[:, P:]
-        if reduce is not None:
-            top = reduce(top.reshape(-1)).reshape(P, C)
-            ctx.extra["reduce_prompt_kv"] = reduce
+        if prompt_sum is not None:
+            top = prompt_sum(top.reshape(-1)).reshape(P, C)
         dh[0, :P] = top
         dh[0, P:] = dhidden.reshape(B * T, C)
-        dh = self.final_backward(dh, cache["final"])
-        for i in reversed(range(self.config.num_layers)):
-            dh, _, _ = self.block_backward(i, dh, cache["blocks"][i], ctx)
-        ctx.extra.pop("reduce_prompt_kv", None)
-        dx = self.embed_backward(dh, cache["embed"], ctx)
+        ctx.packed.prompt_sum = prompt_sum
+        try:
+            dh = self.final_backward(dh, cache.final)
+            for i in reversed(range(self.config.num_layers)):
+                dh, _, _ = self.block_backward(i, dh, cache.blocks[i], ctx)
+        finally:
+            ctx.packed.prompt_sum = None
+        dx = self.embed_backward(dh, cache.embed, ctx)
         return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
 
-    def _as_rows(self, name, x):
+    def _as_rows(self, name, x, allow_empty_batch=False):
         """x as a C-ordered [B, T, hidden_size] array in the model's dtype (the kernels take no
         other), or a ValueError/TypeError naming the argument."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
-        if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != self.config.hidden_size:
+        # allow_empty_batch: B = 0 (shared prompt rows alone, see forward) is accepted but not advertised
+        min_rows = 0 if allow_empty_batch else 1
+        if x.ndim != 3 or x.shape[0] < min_rows or x.shape[1] < 1 or x.shape[2] != self.config.hidden_size:
             raise ValueError(f"{name}: expected shape [B, T, {self.config.hidden_size}] with B, T >= 1, got {x.shape}")
         if x.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")
         return np.ascontiguousarray(x, dtype=self.dtype)
-
-    def shared_prompt_reductions(self, adapter):
-        """The vector lengths backward's reduce_prompt sums, in call order: the prompt rows' output
-        gradient, then each layer's prompt key and value gradients (a process with no rows of its
-        own makes the same calls with zeros)."""
-        c, P = self.config, adapter.num_virtual_tokens
-        return [P * c.hidden_size] + [2 * P * c.num_kv_heads * c.head_dim] * c.num_layers
 
     def shares_prompt_rows(self, adapter):
         """Whether forward runs adapter's prompt rows once for the batch (see share_prompt_rows)."""
@@ -341,42 +397,47 @@ class Transformer:
         h, final_cache = self.final_forward(h)
         return h, embed_cache, caches, final_cache
 
-    def backward(self, dhidden, cache, reduce_prompt=None):
+    def backward(self, dhidden, cache, prompt_sum=None):
         """Gradients of a scalar loss, given d loss / d hidden [B, T, C] (or [B, P+T, C] for a
-        forward with keep_virtual) from `forward`.
+        forward with keep_virtual) and the ForwardCache from `forward(..., keep_cache=True)`.
 
         -> dict with "inputs_embeds" [B, T, C] and, with an adapter, "prompt" [P, C] or "prefix"
         [num_layers, 2, P, Hkv, D] (summed over the batch, mostly in float64: see
         _attention_backward_rows). The frozen weights get no gradient.
 
-        reduce_prompt (data parallelism, only where `shares_prompt_rows`): a function that sums a
-        float64 vector over the processes that each hold part of the batch. It is called 1 +
-        num_layers times (see `shared_prompt_reductions`): the shared prompt rows' backward then
-        uses, in every layer, what the whole batch gives their keys and values, so "prompt" is the
-        whole batch's prompt gradient, the same on every process and the same bits one process
-        computes for the whole batch.
+        prompt_sum (data parallelism, only where the forward shared the prompt rows, see
+        `shares_prompt_rows`): a function that sums a float64 vector over every process holding
+        part of the batch (each process calls backward on its own rows, B = 0 included, and the
+        calls meet in the same order, whatever it is). The shared prompt rows' backward then uses,
+        in every layer, what the whole batch gives their keys and values, so "prompt" is the whole
+        batch's prompt gradient: the same on every process and the same bits one process computes
+        for the whole batch.
         """
-        dhidden = self._as_rows("dhidden", dhidden)
-        if cache.get("shared_prompt"):
-            return self._backward_shared_prompt(dhidden, cache, reduce_prompt)
-        if reduce_prompt is not None:  # the caller's other processes would wait for these reductions
-            raise ValueError("reduce_prompt: this forward did not share the prompt rows (see shares_prompt_rows)")
-        ctx, kind, P = cache["ctx"], cache["kind"], cache["P"]
-        if kind == "prompt" and dhidden.shape[1] != cache["length"]:  # prompt rows unread: zero grad
+        if not isinstance(cache, ForwardCache):
+            raise TypeError(f"cache: expected the ForwardCache of forward(..., keep_cache=True), got "
+                            f"{type(cache).__name__}")
+        shared = cache.ctx.packed is not None
+        dhidden = self._as_rows("dhidden", dhidden, allow_empty_batch=shared)
+        if shared:
+            return self._backward_shared_prompt(dhidden, cache, prompt_sum)
+        if prompt_sum is not None:  # the caller's other processes would wait for these sums
+            raise ValueError("prompt_sum: this forward did not share the prompt rows (see shares_prompt_rows)")
+        ctx, kind, P = cache.ctx, cache.kind, cache.num_virtual_tokens
+        if kind == "prompt" and dhidden.shape[1] != cache.length:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
             dh = np.zeros((B, P + T, C), dtype=dhidden.dtype)
             dh[:, P:] = dhidden
         else:
             dh = dhidden
-        dh = self.final_backward(dh, cache["final"])
+        dh = self.final_backward(dh, cache.final)
         dprefix = None
         if kind == "prefix":  # float64: the layers' sums over the batch, unrounded (see _attention_backward_rows)
             dprefix = np.zeros(ctx.prefix.shape, dtype=np.float64)
         for i in reversed(range(self.config.num_layers)):
-            dh, dpk, dpv = self.block_backward(i, dh, cache["blocks"][i], ctx)
+            dh, dpk, dpv = self.block_backward(i, dh, cache.blocks[i], ctx)
             if dprefix is not None:
                 dprefix[i, 0], dprefix[i, 1] = dpk, dpv
-        dx = self.embed_backward(dh, cache["embed"], ctx)
+        dx = self.embed_backward(dh, cache.embed, ctx)
         grads = {}
         if kind == "prompt":  # per row, summed in float64 like the prefix (_attention_backward_rows)
             rows, dx = ops.prepend_backward(dx, P, shared=False)

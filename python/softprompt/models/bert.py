@@ -23,7 +23,7 @@ class Bert(Transformer):
         if ctx.positions.max() >= self.wpe.shape[0]:
             raise ValueError(f"input_ids: sequence needs position {ctx.positions.max()}, the model has "
                              f"{self.wpe.shape[0]} (max_position_embeddings)")
-        types = ctx.extra.get("token_type_ids")
+        types = ctx.token_type_ids
         e = x + self.wpe[ctx.positions] + (self.wtt[0] if types is None else self.wtt[types])
         return nn.layernorm(e, self.embed_ln[0], self.embed_ln[1], self.config.norm_eps)
 
@@ -55,7 +55,7 @@ class Bert(Transformer):
               + nn.linear_backward(dv.reshape(B, L, C), w["v"]))
         return dr1 + dx, dpk, dpv
 
-    # -- heads ---------------------------------------------------------------------------
+    # -- pooler and masked-LM head --------------------------------------------------------
     def pooled(self, hidden_all):
         """tanh(dense(h[:, 0])) of the full sequence (with prompt tuning, row 0 is the first virtual
         token, as in PEFT).  -> pooled [B, C], cache."""

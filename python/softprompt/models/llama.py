@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import layers as nn
-from .base import ModelConfig, Transformer
+from .base import ModelConfig, RopeTables, Transformer
 from .quant import QuantizedWeight
 
 
@@ -37,13 +37,13 @@ class Llama(Transformer):
 
     def prepare(self, ctx, dtype):
         c = self.config
-        ctx.extra["rope"] = nn.rope_tables(ctx.positions, c.head_dim, c.rope_theta, dtype)
+        ctx.rope = RopeTables(*nn.rope_tables(ctx.positions, c.head_dim, c.rope_theta, dtype))
 
     def block_forward(self, i, h, ctx):
         c, w = self.config, self.layers[i]
         B, L, C = h.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = ctx.extra["rope"]
+        cos, sin = ctx.rope.cos, ctx.rope.sin
         h = h.reshape(B * L, C)  # every row-wise layer works on [N = B*L, C]
         x, rstd1 = nn.rmsnorm(h, w["attn_norm"], c.norm_eps)
         q, k, v = nn.rope_split(nn.linear(x, w["qkv"], w.get("qkv_bias")), cos, sin, H, Hkv, D)
@@ -63,7 +63,7 @@ class Llama(Transformer):
         h, rstd1, q, k, v, att, lse, h_mid, rstd2, gate_up = cache
         B, L, C = dh.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = ctx.extra["rope"]
+        cos, sin = ctx.rope.cos, ctx.rope.sin
         dh = dh.reshape(B * L, C)
         # MLP (residual: dh flows through unchanged and gets the branch's gradient added)
         dgate_up = nn.swiglu_backward(nn.linear_backward(dh, w["down"]), gate_up)

@@ -217,6 +217,13 @@ def _gguf_field(reader, key, default=None):
     return default if field is None else field.contents()
 
 
+def _token_id(value):
+    """A config's token id (an int, a list whose first entry is used, or None) -> int or None."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
 def _unpermute(w, n_heads):
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half halves).
     w [n_heads * D, C]: llama.cpp stored rows (h, i, pair) as (h, pair, i)."""
@@ -293,10 +300,9 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         tie_word_embeddings=output is None,
         model_type="llama",
         name_or_path=str(path),
-        extra={"bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-               "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-               "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
-               "general_name": _gguf_field(reader, "general.name")},
+        bos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
+        pad_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.padding_token_id")),
     )
     layers = []
     for i in range(config.num_layers):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
+
 BLOCK = 32
-FORMATS = {"q4_1": (1, 20), "q8_0": (2, 34)}  # name -> (code in _core, bytes per block)
+FORMATS = ops.QUANT_FORMATS  # name -> (code in _core, bytes per block)
 
 
 class QuantizedWeight:
@@ -70,16 +72,10 @@ class QuantizedWeight:
         return QuantizedWeight(np.concatenate([p.blocks for p in parts]), fmt, parts[0].shape[1])
 
     def dequantize(self, dtype=np.float32):
-        """The float values [rows, cols] (a new array each call): the C++ core's dequantizer, or its
-        NumPy twin below. The model's own layers never call this on the float32 path: the GEMM
-        dequantizes into its panels; float64 activations or the "numpy" backend expand the weight
-        at every call."""
-        from .. import _core, ops
-
-        if ops.get_backend() == "cpp":
-            out = _core.dequantize(self.blocks, self.code, self.shape[1])
-        else:
-            out = dequantize_blocks(self.blocks, self.format, self.shape[1])
+        """The float values [rows, cols] (a new array each call; `ops.dequantize`). The model's own
+        layers never call this on the float32 path: the GEMM dequantizes into its panels; float64
+        activations or the "numpy" backend expand the weight at every call."""
+        out = ops.dequantize(self.blocks, self.format, self.shape[1])
         return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
     def astype(self, dtype, copy=True):
@@ -91,16 +87,3 @@ class QuantizedWeight:
             raise ValueError("a QuantizedWeight has no float array to share: dequantizing makes a copy")
         return self.dequantize(np.float32 if dtype is None else dtype)
 
-
-def dequantize_blocks(blocks, format, cols):
-    """NumPy twin of cpp/quant.cpp: uint8 [rows, cols / 32 * block bytes] -> float32 [rows, cols]."""
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, cols // BLOCK, FORMATS[format][1])
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, blocks, 1]
-    if format == "q4_1":
-        m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
-        q = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).astype(np.float32)
-        out = d * q + m  # two roundings, as gguf's dequantizer (NumPy never fuses them)
-    else:
-        out = b[..., 2:].view(np.int8).astype(np.float32) * d
-    return out.reshape(rows, cols)

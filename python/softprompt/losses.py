@@ -5,52 +5,28 @@
 - `label_word_loss`: verbalizer classification: the logits of the label words only, at one answer
   position per row (never the full vocabulary).
 - `ClassificationHead`: a linear layer on BERT's pooled output, trained with the adapter.
+The full-vocabulary softmax cross-entropy is fused in the C++ core (`ops.softmax_cross_entropy`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _core, ops
+from . import ops, reference
 from .models import layers as nn
-
-
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def cross_entropy(logits, labels, total=None):
     """Mean cross-entropy.  logits [N, K], labels [N] -> (loss, dlogits [N, K]). total: divide the
     sum by this instead of N (a shard of a bigger batch: its rows then get the big batch's exact
     gradient)."""
-    logp = _log_softmax(logits.astype(np.float64))
+    logp = reference.log_softmax(logits.astype(np.float64))
     n = logits.shape[0]
     total = n if total is None else total
     loss = -logp[np.arange(n), labels].sum() / total
     d = np.exp(logp)
     d[np.arange(n), labels] -= 1.0
     return float(loss), (d / total).astype(logits.dtype)
-
-
-def softmax_cross_entropy(logits, labels, scale):
-    """Fused cross-entropy: logits [N, V] (float32/64, C order) are overwritten with
-    scale * (softmax - onehot(labels)), the gradient of scale * sum(loss). -> per-row loss [N]
-    (float64). C++ core (cpp/layers.cpp) unless ops' backend is "numpy"; this is its twin."""
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    if labels.shape != logits.shape[:1] or (labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1])):
-        raise ValueError(f"labels: expected {logits.shape[0]} values in [0, {logits.shape[1]}), got shape "
-                         f"{labels.shape}, range [{labels.min() if labels.size else '-'}, "
-                         f"{labels.max() if labels.size else '-'}]")
-    if ops.get_backend() == "cpp":
-        return _core.softmax_cross_entropy(logits, labels, scale)
-    logp = _log_softmax(logits.astype(np.float64))
-    rows = np.arange(logits.shape[0])
-    loss = -logp[rows, labels]
-    d = np.exp(logp)
-    d[rows, labels] -= 1.0
-    logits[...] = d * scale
-    return loss
 
 
 # Rows of full-vocabulary logits computed at once: bounds the loss's memory (SmolLM2's 49k-word
@@ -89,7 +65,7 @@ def lm_loss(model, hidden, targets, loss_mask, total=None):
     for r0 in range(0, n, size):
         sel = rows[r0:r0 + size]
         logits = nn.linear(h[sel], w)  # [rows, V]
-        loss += float(softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / total).sum())
+        loss += float(ops.softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / total).sum())
         dh[sel] = nn.linear_backward(logits, w)
     return loss / total, dh.reshape(hidden.shape)
 
