@@ -278,7 +278,7 @@ def main(argv=None):
     except ImportError:
         blas = "threadpoolctl not installed"
     info = machine() | {"threads": thread_counts, "torch": getattr(torch, "__version__", None), "blas": blas,
-                        "attention_kernel": softprompt._core.get_attention_kernel(),
+                        "attention_kernel": softprompt.ops.get_attention_kernel(),
                         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
     print(json.dumps(info))
     print_attention_header(torch is not None)

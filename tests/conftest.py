@@ -54,17 +54,17 @@ KERNELS = ["simd", "eigen"]
 @pytest.fixture(params=KERNELS)
 def kernel(request):
     """Runs a test once per C++ attention implementation (the fast SIMD one and the Eigen one)."""
-    from softprompt import _core
+    from softprompt import ops
 
-    if request.param == "simd" and not _core.get_attention_kernel() == "simd":
+    if request.param == "simd" and not ops.get_attention_kernel() == "simd":
         try:
-            _core.set_attention_kernel("simd")
+            ops.set_attention_kernel("simd")
         except ValueError:
             pytest.skip("this build has no SIMD kernels (compiler without vector extensions)")
-    previous = _core.get_attention_kernel()
-    _core.set_attention_kernel(request.param)
+    previous = ops.get_attention_kernel()
+    ops.set_attention_kernel(request.param)
     yield request.param
-    _core.set_attention_kernel(previous)
+    ops.set_attention_kernel(previous)
 
 
 # --------------------------------------------------------------------------- a tiny training task

@@ -37,6 +37,7 @@ def test_training_learns_the_task(tiny, tmp_path, method, lr, projection):
     out = tmp_path / "run"
     history = json.loads((out / "metrics.json").read_text())
     assert history["steps"] == 100 and history["tokens_per_second"] > 0
+    assert history["train_seconds"] > history["eval_seconds"]  # validation time is inside the training time
     for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.json", "checkpoint.npz", "softprompt.json"):
         assert (out / name).exists(), name
     adapter = (softprompt.PrefixTuning if method == "prefix" else softprompt.PromptTuning).from_pretrained(out, model)

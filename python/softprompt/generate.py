@@ -3,7 +3,9 @@
 Greedy (temperature 0) or temperature + top-p (nucleus) sampling; stop tokens end a row. With prompt
 tuning the virtual tokens are the first P rows of the cache; with prefix tuning every layer's prefix
 is always visible and the input tokens start at position P, as in training (and in PEFT).
-`use_cache=False` recomputes the whole sequence at every step: slower, and the tests' reference.
+`use_cache=False` recomputes the whole sequence at every step: slower, and the tests' reference; a
+model whose cached keys would go stale (dynamic NTK RoPE past max_position_embeddings, see
+`Transformer.kv_cache_limit`) recomputes too, so the cache never changes the result.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature >= 0 and 0 < top_p <= 1 expected, got {temperature}, {top_p}")
     ids, mask = _batch(input_ids)
+    limit = model.kv_cache_limit()
+    virtual = 0 if adapter is None else adapter.num_virtual_tokens
+    if use_cache and limit is not None and virtual + ids.shape[1] + max_new_tokens > limit:
+        use_cache = False  # the cached keys would differ from a recomputation's (kv_cache_limit)
     rng = np.random.default_rng(seed)
     stop = set(int(t) for t in stop_tokens)
     B = ids.shape[0]

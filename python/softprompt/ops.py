@@ -391,3 +391,13 @@ def get_num_threads() -> int:
 def has_openmp() -> bool:
     """Whether the core was built with OpenMP (else every kernel runs on one thread)."""
     return _core.has_openmp()
+
+
+def set_attention_kernel(kernel: str) -> None:
+    """The C++ attention kernel: "simd" (hand-blocked, the default where it was built: GCC/Clang) or
+    "eigen" (the simpler Eigen-GEMM version of the same algorithm). Process-wide."""
+    _core.set_attention_kernel(kernel)
+
+
+def get_attention_kernel() -> str:
+    return _core.get_attention_kernel()

@@ -417,6 +417,7 @@ def _loop(run, on_step):
             stop = False
             if state["step"] % cfg.eval_every == 0 or state["step"] == run.total:
                 stop = _validate(run, bar)
+                state["train_seconds"] = time.perf_counter() - t_start  # validation included
             if comm.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == run.total or stop):
                 save_checkpoint(run.out / CHECKPOINT, run.adapter, run.opt, state)
             if stop:

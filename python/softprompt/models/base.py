@@ -21,6 +21,26 @@ from .quant import QuantizedWeight
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are scaled for long contexts: transformers' `rope_parameters` (or the
+    Hub's `rope_scaling`) and GGUF's `rope.scaling.*` keys and `rope_freqs` tensor. The formulas
+    are transformers' (modeling_rope_utils.py); see `models.layers.rope_inv_freq`."""
+
+    rope_type: str = "default"  # one of layers.ROPE_TYPES
+    factor: float = 1.0  # linear, dynamic, yarn, llama3
+    original_max_position_embeddings: int | None = None  # yarn, llama3: the pretraining context
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: cos/sin scale (None: from factor, mscale, mscale_all_dim)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range outwards
+    freq_factors: tuple | None = None  # GGUF rope_freqs: inv_freq[i] / freq_factors[i] (llama.cpp)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The frozen model's shape and settings, read from config.json or GGUF metadata."""
 
@@ -34,6 +54,7 @@ class ModelConfig:
     intermediate_size: int
     norm_eps: float
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases (Qwen2); GPT-2 and BERT always have them
@@ -169,6 +190,11 @@ class Transformer:
 
     def prepare(self, ctx, dtype):  # per-architecture tables for this forward (RoPE, ...)
         pass
+
+    def kv_cache_limit(self):
+        """The sequence length (positions) up to which keys cached by an earlier forward equal the
+        keys a recomputation gives, or None when always (generation recomputes past it)."""
+        return None
 
     # -- shared -------------------------------------------------------------------------
     @property

@@ -118,11 +118,84 @@ swiglu_backward = ops.swiglu_backward  # da [N, F], gate_up -> d gate_up [N, 2F]
 
 
 # --------------------------------------------------------------------------- rotary positions
-def rope_tables(positions, head_dim, theta, dtype):
-    """positions [B, T] (int) -> cos, sin [B*T, head_dim/2] for the rotate-half convention."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rope_tables(positions, head_dim, theta, dtype, scaling=None, max_position_embeddings=None):
+    """positions [B, T] (int) -> cos, sin [B*T, head_dim/2] for the rotate-half convention, with
+    the frequencies of `rope_inv_freq` (scaling: a RopeScaling, None = plain RoPE)."""
+    seq_len = int(positions.max()) + 1 if positions.size else 0
+    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, max_position_embeddings, seq_len)
     angles = positions.reshape(-1, 1).astype(np.float64) * inv_freq  # [B*T, D/2]
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    cos, sin = np.cos(angles), np.sin(angles)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def rope_inv_freq(head_dim, theta, scaling=None, max_position_embeddings=None, seq_len=0):
+    """RoPE's inverse frequencies [head_dim/2] (float64) and the factor on cos/sin, per transformers'
+    modeling_rope_utils.py (`_compute_*_parameters`):
+    - default: theta^(-2i/D); linear: that / factor;
+    - dynamic (NTK): theta' = theta * (factor * L / M - (factor - 1))^(D / (D - 2)), L = max(seq_len,
+      M), M = max_position_embeddings: it depends on the longest position of the forward (seq_len);
+    - llama3: wavelengths 2 pi / f above original/low_freq_factor are divided by factor, below
+      original/high_freq_factor kept, and interpolated between;
+    - yarn: interpolation (/ factor) and extrapolation blended by a linear ramp over the
+      correction range of beta_fast..beta_slow rotations, and cos/sin scaled by attention_factor
+      (default 0.1 ln(factor) + 1, or mscale / mscale_all_dim's ratio).
+    GGUF's rope_freqs (freq_factors) divide the frequencies, as llama.cpp does."""
+    D = head_dim
+    kind = "default" if scaling is None else scaling.rope_type
+    exponents = np.arange(0, D, 2, dtype=np.float64) / D
+    inv_freq = 1.0 / theta**exponents
+    attention_factor = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif kind == "dynamic":
+        M = max_position_embeddings
+        L = max(seq_len, M)
+        base = theta * ((scaling.factor * L / M) - (scaling.factor - 1)) ** (D / (D - 2))
+        inv_freq = 1.0 / base**exponents
+    elif kind == "llama3":
+        old = scaling.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        factor, old = scaling.factor, scaling.original_max_position_embeddings
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if scaling.attention_factor is not None:
+            attention_factor = scaling.attention_factor
+        elif scaling.mscale and scaling.mscale_all_dim:
+            attention_factor = mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+        else:
+            attention_factor = mscale(factor)
+
+        def correction_dim(rotations):
+            return (D * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, D - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = np.clip((np.arange(D // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp  # the share of the unscaled frequency
+        inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    elif kind != "default":
+        raise ValueError(f"rope_type: expected one of {ROPE_TYPES}, got {kind!r}")
+    if scaling is not None and scaling.freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(scaling.freq_factors, dtype=np.float64)
+    return inv_freq, attention_factor
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 rope_split = ops.rope_split  # qkv [N, (H + 2 Hkv) D], cos, sin [N, D/2] -> q [N, H, D], k, v [N, Hkv, D]

@@ -37,7 +37,14 @@ class Llama(Transformer):
 
     def prepare(self, ctx, dtype):
         c = self.config
-        ctx.rope = RopeTables(*nn.rope_tables(ctx.positions, c.head_dim, c.rope_theta, dtype))
+        ctx.rope = RopeTables(*nn.rope_tables(ctx.positions, c.head_dim, c.rope_theta, dtype, c.rope_scaling,
+                                                   c.max_position_embeddings))
+
+    def kv_cache_limit(self):
+        # Dynamic NTK scaling changes every frequency once a forward reaches past
+        # max_position_embeddings, so keys rotated by an earlier, shorter forward go stale.
+        c = self.config
+        return c.max_position_embeddings if c.rope_scaling.rope_type == "dynamic" else None
 
     def block_forward(self, i, h, ctx):
         c, w = self.config, self.layers[i]

@@ -177,7 +177,8 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         vocab_size=cfg["vocab_size"],
         intermediate_size=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        rope_theta=_rope_theta(cfg),
+        rope_scaling=_rope_scaling_from_hf(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
@@ -209,6 +210,69 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         if lm_head is None:  # some checkpoints tie without saying so
             lm_head = w("embed_tokens.weight")
     return Llama(config, w("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
+
+
+# RoPE settings: transformers 5 writes `rope_parameters` (with rope_type, rope_theta, ...); the
+# config.json files on the Hub write `rope_theta` beside `rope_scaling` (with rope_type or type).
+_ROPE_KEYS = {  # the keys each rope_type reads (besides rope_type/type and rope_theta)
+    "default": set(),
+    "linear": {"factor", "original_max_position_embeddings"},  # transformers reads no context length here
+    "dynamic": {"factor", "original_max_position_embeddings"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"},
+}
+
+
+def _rope_params(cfg):
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: {field} must be an object, got {params!r}")
+    return field, params
+
+
+def _rope_theta(cfg):
+    return float(cfg.get("rope_theta") or _rope_params(cfg)[1].get("rope_theta") or 10000.0)
+
+
+def _rope_scaling_from_hf(cfg):
+    """The RopeScaling of a config.json (either spelling); a ValueError naming the field for a RoPE
+    type or key that softprompt does not implement."""
+    from .base import RopeScaling
+    from .layers import ROPE_TYPES
+
+    field, params = _rope_params(cfg)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"config.json: {field}.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"config.json: partial_rotary_factor {partial!r} is not supported (only 1.0: RoPE on the "
+                         "whole head)")
+    unknown = sorted(set(params) - _ROPE_KEYS[kind] - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if unknown:
+        raise ValueError(f"config.json: {field} key(s) {unknown} are not supported with rope_type {kind!r}")
+    if kind == "default":
+        return RopeScaling()
+    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    original = int(original or cfg.get("max_position_embeddings", 2048))
+    factor = params.get("factor")
+    if factor is None and kind == "yarn":  # transformers: the ratio of the two context lengths
+        factor = cfg.get("max_position_embeddings", 2048) / original
+    if factor is None:
+        raise ValueError(f"config.json: {field}.factor is required for rope_type {kind!r}")
+    if kind == "llama3":
+        missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
+        if missing:
+            raise ValueError(f"config.json: {field} needs {missing} for rope_type 'llama3'")
+    return RopeScaling(
+        rope_type=kind, factor=float(factor), original_max_position_embeddings=original,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)), high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"), mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)),
+    )
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -251,6 +315,33 @@ def _gguf_tokenizer(reader):
         special = [tokens[i] for i, t in enumerate(types) if t == 3]
         tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
     return tok
+
+
+def _gguf_rope_scaling(reader, freq_factors, head_dim, path):
+    """The RopeScaling of a llama GGUF: `llama.rope.scaling.type` none or linear (with its factor),
+    and llama.cpp's `rope_freqs` tensor (Llama 3.x's frequency scaling stored as divisors). Other
+    scaling types and keys are refused with a ValueError naming them."""
+    from .base import RopeScaling
+
+    dims = _gguf_field(reader, "llama.rope.dimension_count")
+    if dims is not None and int(dims) != head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count {dims} is not supported (RoPE on the whole head, "
+                         f"{head_dim})")
+    kind = _gguf_field(reader, "llama.rope.scaling.type", "none")
+    keys = sorted(k for k in reader.fields if k.startswith("llama.rope.scaling.") and k not in (
+        "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length"))
+    if kind not in ("none", "linear") or keys:
+        raise ValueError(f"{path}: RoPE scaling {kind!r} with keys {keys} is not supported in GGUF files "
+                         "(llama.rope.scaling.type none or linear, and the rope_freqs tensor)")
+    factors = None
+    if freq_factors is not None:
+        factors = tuple(float(f) for f in np.asarray(freq_factors, dtype=np.float64).reshape(-1))
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"{path}: rope_freqs has {len(factors)} values, expected head_dim / 2 = {head_dim // 2}")
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=float(_gguf_field(reader, "llama.rope.scaling.factor", 1.0)),
+                           freq_factors=factors)
+    return RopeScaling(freq_factors=factors)
 
 
 def _load_gguf(path: Path, dtype, keep_quantized):
@@ -296,6 +387,7 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
         norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=_gguf_rope_scaling(reader, get("rope_freqs.weight", optional=True), hidden // heads, path),
         max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
         tie_word_embeddings=output is None,
         model_type="llama",
