@@ -72,22 +72,38 @@ inline int64_t input_end(const AttentionShape& s, int64_t i1) {
   return s.causal ? std::clamp<int64_t>(i1 + s.S - s.T, 0, s.S) : s.S;
 }
 
-// First query lane (of the block at i0) that sees row r of the chunk; kBlock if none does.
-// Prefix rows are seen by all; input key j is hidden by padding, or with causal from lanes
-// i < j - (S - T) - i0.
+// The query lanes [first, last) (of the block at i0) that see row r of the chunk; first >= last
+// if none does. Prefix rows are seen by all lanes; input key j is hidden by padding, and with
+// causal from lanes i < j - (S - T) - i0. A sliding window hides a key at position y (prefix row
+// p: p; input key j: P + j) from lanes i >= y + window - P - (S - T) - i0 (AttentionShape).
+struct Lanes {
+  int64_t first, last;
+  bool none() const { return first >= last; }
+};
+
 template <typename T>
-inline int64_t first_lane(const AttentionShape& s, const Heads<T>& hd, const Chunk& c, int64_t r,
-                          int64_t i0) {
-  if (r < c.np) return 0;
-  const int64_t j = c.j0 + r - c.np;
-  if (hd.keep && !hd.keep[j]) return kBlock;
-  return s.causal ? std::clamp<int64_t>(j - (s.S - s.T) - i0, 0, kBlock) : 0;
+inline Lanes visible_lanes(const AttentionShape& s, const Heads<T>& hd, const Chunk& c, int64_t r,
+                           int64_t i0) {
+  const int64_t j = c.j0 + r - c.np, pos = r < c.np ? r : s.P + j;
+  Lanes l{0, kBlock};
+  if (r >= c.np) {
+    if (hd.keep && !hd.keep[j]) return Lanes{kBlock, kBlock};
+    if (s.causal) l.first = std::clamp<int64_t>(j - (s.S - s.T) - i0, 0, kBlock);
+  }
+  if (s.window) l.last = std::clamp<int64_t>(pos + s.window - s.P - (s.S - s.T) - i0, 0, kBlock);
+  return l;
 }
 
-// Lanes < first of vector v hidden?  -> mask that is true where hidden.
+// Lanes of vector v outside [first, last)?  -> mask that is true where hidden. mixed(l, v): some
+// lane of vector v is hidden (the mask is needed).
 template <typename T>
-inline simd::Mask<T> hidden_lanes(int64_t first, int64_t v) {
-  return simd::iota<T>() + T(v * kLanes<T>) < T(first);
+inline simd::Mask<T> hidden_lanes(const Lanes& l, int64_t v) {
+  const Vec<T> lane = simd::iota<T>() + T(v * kLanes<T>);
+  return (lane < T(l.first)) | (lane >= T(l.last));
+}
+template <typename T>
+inline bool mixed(const Lanes& l, int64_t v) {
+  return l.first > v * kLanes<T> || l.last < (v + 1) * kLanes<T>;
 }
 
 // Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
@@ -166,9 +182,9 @@ void from_tiles(const TileGrid& g, const T* tiles, T* a) {
 template <typename T>
 struct ForwardScratch {
   Buffer<T> ot, scores;
-  std::vector<int64_t> first;  // first_lane of each row of the chunk
+  std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit ForwardScratch(const AttentionShape& s)
-      : ot(s.D * kBlock), scores((s.P + kChunkForward) * kBlock), first(s.P + kChunkForward) {}
+      : ot(s.D * kBlock), scores((s.P + kChunkForward) * kBlock), lanes(s.P + kChunkForward) {}
 };
 
 // One forward work item: queries [i0, i0+n) of head h. kp, vp: this head's packed keys and
@@ -190,18 +206,18 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     const int64_t rows = c.rows();
     const T *kc = kp + c.r0() * s.D, *vc = vp + c.r0() * s.D;
     T* sc = w.scores.data();
-    int64_t* fl = w.first.data();
-    for (int64_t r = 0; r < rows; ++r) fl[r] = first_lane(s, hd, c, r, i0);
+    Lanes* vl = w.lanes.data();
+    for (int64_t r = 0; r < rows; ++r) vl[r] = visible_lanes(s, hd, c, r, i0);
     // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock]
     simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qt, kBlock, sc, kBlock, false);
     // Online softmax, lane-wise: the chunk's max, the rescale factor, then p = exp(score - max).
     Vec<T> mx[NVmax], msafe[NVmax], alpha[NVmax], sum[NVmax];
     for (int v = 0; v < nv; ++v) mx[v] = m[v], sum[v] = Vec<T>{};
     for (int64_t r = 0; r < rows; ++r) {
-      if (fl[r] >= kBlock) continue;
+      if (vl[r].none()) continue;
       for (int v = 0; v < nv; ++v) {
         Vec<T> x = simd::load(sc + r * kBlock + v * L);
-        if (fl[r] > v * L) x = hidden_lanes<T>(fl[r], v) ? ninf : x;
+        if (mixed<T>(vl[r], v)) x = hidden_lanes<T>(vl[r], v) ? ninf : x;
         mx[v] = simd::vmax<T>(mx[v], x);
       }
     }
@@ -212,9 +228,9 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     for (int64_t r = 0; r < rows; ++r) {
       for (int v = 0; v < nv; ++v) {
         Vec<T> p{};
-        if (fl[r] < kBlock) {
+        if (!vl[r].none()) {
           p = simd::exp<T>(simd::load(sc + r * kBlock + v * L) - msafe[v]);
-          if (fl[r] > v * L) p = hidden_lanes<T>(fl[r], v) ? Vec<T>{} : p;  // exact zeros
+          if (mixed<T>(vl[r], v)) p = hidden_lanes<T>(vl[r], v) ? Vec<T>{} : p;  // exact zeros
         }
         simd::store(sc + r * kBlock + v * L, p);
         sum[v] += p;
@@ -281,8 +297,9 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
   const T* lse_row = lse + (b * s.H + h) * s.T + i0;
   for (int64_t i = 0; i < kBlock; ++i) {
     w.delta[i] = i < n ? delta_row[i] : T(0);
-    // A query that sees no key (lse = -inf) has every row masked below; 0 keeps exp finite.
-    w.lse[i] = i < n && std::isfinite(lse_row[i]) ? lse_row[i] : T(0);
+    // A query that sees no key (lse = -inf) has every row masked below; 0 keeps exp finite. A
+    // NaN lse (a NaN its forward saw) stays, so that its gradients are NaN too.
+    w.lse[i] = i < n && lse_row[i] != -std::numeric_limits<T>::infinity() ? lse_row[i] : T(0);
   }
   for_each_chunk(s.P, input_end(s, i0 + n), kChunkBackward, [&](const Chunk& c) {
     T *p = w.p.data(), *ds = w.ds.data();
@@ -292,13 +309,13 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
     simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qtile, kBlock, p, kBlock, false);
     simd::matmul<T>(rows, nv, s.D, vc, s.D, 1, dotile, kBlock, ds, kBlock, false);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t fl = first_lane(s, hd, c, r, i0);
+      const Lanes vl = visible_lanes(s, hd, c, r, i0);
       for (int64_t v = 0; v < nv; ++v) {
         T *pr = p + r * kBlock + v * L, *dr = ds + r * kBlock + v * L;
         Vec<T> pvec{}, dsvec{};
-        if (fl < kBlock) {
+        if (!vl.none()) {
           pvec = simd::exp<T>(simd::load(pr) - simd::load(w.lse.data() + v * L));
-          if (fl > v * L) pvec = hidden_lanes<T>(fl, v) ? Vec<T>{} : pvec;
+          if (mixed<T>(vl, v)) pvec = hidden_lanes<T>(vl, v) ? Vec<T>{} : pvec;
           dsvec = pvec * (simd::load(dr) - simd::load(w.delta.data() + v * L));
         }
         simd::store(pr, pvec), simd::store(dr, dsvec);

@@ -87,8 +87,8 @@ struct HeadView {
   }
 };
 
-// Sets the scores of hidden keys to `fill`: padded input keys, and with causal, input keys
-// j > i + (S - T) for query i. Prefix columns are never touched.
+// Sets the scores of hidden keys to `fill`: padded input keys, with causal input keys
+// j > i + (S - T) for query i, and keys (prefix ones too) outside a sliding window.
 // scores [n, c.cols()] for queries i0 .. i0+n-1.
 template <typename T>
 void fill_hidden(Block<T>& scores, const HeadView<T>& hv, const Chunk& c, int64_t i0, T fill) {
@@ -102,6 +102,14 @@ void fill_hidden(Block<T>& scores, const HeadView<T>& hv, const Chunk& c, int64_
     for (int64_t r = 0; r < n; ++r) {
       const int64_t first_hidden = std::max(c.j0, i0 + r + shift + 1);
       for (int64_t j = first_hidden; j < c.j1; ++j) scores(r, c.np + j - c.j0) = fill;
+    }
+  }
+  if (hv.s.window) {  // keys at positions <= x - window for the query at x (AttentionShape)
+    const int64_t P = hv.s.P, shift = hv.s.S - hv.s.T;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t lo = P + i0 + r + shift - hv.s.window + 1;  // the first position it sees
+      for (int64_t p = 0; p < std::min(c.np, lo); ++p) scores(r, p) = fill;
+      for (int64_t j = c.j0; j < std::min(c.j1, lo - P); ++j) scores(r, c.np + j - c.j0) = fill;
     }
   }
 }
@@ -132,6 +140,15 @@ struct Scratch {
 };
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+// Rows r of p whose stat[r] is NaN become all NaN.
+template <typename T, typename Stat>
+void nan_rows(Block<T>& p, const Stat& stat) {
+  for (int64_t r = 0; r < p.rows(); ++r)
+    if (std::isnan(stat[r])) p.row(r).setConstant(kNaN<T>);
+}
 
 // One work item of the forward: queries [i0, i0+n) of head h in batch row b.
 template <typename T>
@@ -149,15 +166,20 @@ void forward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& hv
     Block<T> p(w.scores.data(), n, c.cols());
     chunk_scores(p, qs, hv, c);
     fill_hidden(p, hv, c, i0, ninf);
-    // Online softmax: rescale what came before by exp(m_old - m_new).
+    // Online softmax: rescale what came before by exp(m_old - m_new). A NaN score (hidden ones
+    // are -inf by now) makes its row's max NaN, and the whole row NaN, as any softmax would.
+    bool any_nan = false;
     for (int64_t r = 0; r < n; ++r) {
-      const T m_new = std::max(m[r], p.row(r).maxCoeff());
+      const T cmax = p.row(r).template maxCoeff<Eigen::PropagateNaN>();
+      const T m_new = std::isnan(m[r]) || std::isnan(cmax) ? kNaN<T> : std::max(m[r], cmax);
       msafe[r] = m_new == ninf ? T(0) : m_new;  // a row hidden so far stays all zero
       alpha[r] = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
       m[r] = m_new;
+      any_nan |= std::isnan(m_new);
     }
     p.array().colwise() -= msafe.array();
-    p.array() = p.array().exp();
+    p.array() = (p.array() == ninf).select(T(0), p.array().exp());  // exp(-inf) = 0 exactly
+    if (any_nan) nan_rows(p, msafe);  // Eigen's vectorized exp need not keep a NaN
     fill_hidden(p, hv, c, i0, T(0));  // exact zeros, not exp(-inf) ~ 1e-39
     const int64_t nin = c.j1 - c.j0;
     if (first) {
@@ -205,16 +227,18 @@ void backward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& h
   auto delta = w.l.head(n), lse_n = w.m.head(n);
   delta = dorows.cwiseProduct(orows).rowwise().sum();
   const T* lse_row = lse + (hv.b * s.H + h) * s.T + i0;
-  bool any_hidden_row = false;
+  bool any_hidden_row = false, any_nan = false;
   for (int64_t r = 0; r < n; ++r) {
-    lse_n[r] = lse_row[r] == ninf ? T(0) : lse_row[r];
+    lse_n[r] = lse_row[r] == ninf ? T(0) : lse_row[r];  // a NaN lse stays: its gradients are NaN
     any_hidden_row |= lse_row[r] == ninf;
+    any_nan |= std::isnan(lse_row[r]);
   }
   for_each_chunk(s.P, hv.input_end(i0 + n), [&](const Chunk& c) {
     Block<T> p(w.scores.data(), n, c.cols()), ds(w.dscores.data(), n, c.cols());
     chunk_scores(p, qs, hv, c);
     p.array().colwise() -= lse_n.array();
-    p.array() = p.array().exp();
+    p.array() = (p.array() == ninf).select(T(0), p.array().exp());  // exp(-inf) = 0 exactly
+    if (any_nan) nan_rows(p, lse_n);
     fill_hidden(p, hv, c, i0, T(0));
     if (any_hidden_row)
       for (int64_t r = 0; r < n; ++r)

@@ -10,6 +10,10 @@ struct AttentionShape {
   bool prefix_per_row;            // prefix is [B, P, Hkv, D] (else shared [P, Hkv, D])
   bool causal;                    // query i sees input key j iff j <= i + (S - T); prefix always
   double scale;                   // scores are scale * q . k
+  // Sliding window (0: none). Positions: prefix key p at p, input key j at P + j, query i at
+  // P + i + (S - T); a query at x sees a key at y iff x - y < window (with causal: W keys, itself
+  // included), the prefix too: transformers' sliding window with PEFT's virtual tokens cached first.
+  int64_t window;
 };
 
 // q [B,T,H,D]; k, v [B,S,Hkv,D]; prefix_k, prefix_v [P,Hkv,D] or [B,P,Hkv,D];

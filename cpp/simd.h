@@ -59,9 +59,11 @@ template <typename T>
 inline Vec<T> broadcast(T a) {
   return a - Vec<T>{};
 }
+// max that keeps a NaN from either side (a plain a > b ? a : b drops one from a, and a running
+// max would forget it at the next finite value): a NaN score must reach its row's output.
 template <typename T>
 inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
-  return a > b ? a : b;
+  return (a > b) | (a != a) ? a : b;
 }
 // Lane index 0, 1, 2, ... as a vector of T.
 template <typename T>
@@ -73,11 +75,14 @@ inline Vec<T> iota() {
 
 // exp for float: Cephes' degree-6 polynomial on [-ln2/2, ln2/2] and 2^n by exponent bits;
 // relative error below 1e-7 for x in [-87, 88]; x below -87 gives ~1e-38 (callers that need an
-// exact 0, for masked keys, select it). For double: the libm exp per lane, as double only serves
-// gradient checks, where accuracy matters and speed does not.
+// exact 0, for masked keys, select it); -inf gives 0 and NaN gives NaN. For double: the libm exp per lane, as
+// double only serves gradient checks, where accuracy matters and speed does not.
 template <typename T>
 inline Vec<T> exp(Vec<T> x) {
   if constexpr (std::is_same_v<T, float>) {
+    // The bit arithmetic below would turn NaN into a number, and -inf into ~1e-38 instead of the
+    // exact 0 that keeps 0 * inf = NaN in a product (as in any softmax's gradient).
+    const Mask<float> nan = x != x, zero = x == -std::numeric_limits<float>::infinity();
     x = vmax<float>(x, broadcast(-87.0f));
     const Vec<float> t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) via 1.5 * 2^23
     const Vec<float> n = t - 12582912.0f;
@@ -90,7 +95,8 @@ inline Vec<T> exp(Vec<T> x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
-    return (Vec<float>)((Mask<float>)p + (ni << 23));
+    const Vec<float> e = (Vec<float>)((Mask<float>)p + (ni << 23));
+    return nan ? x : (zero ? Vec<float>{} : e);
   } else {
     for (int i = 0; i < kLanes<T>; ++i) x[i] = std::exp(x[i]);
     return x;

@@ -243,3 +243,45 @@ def test_llama3_gguf_rope_freqs_match_transformers(tmp_path, rng):
     write_llama_gguf(linear, tmp_path / "yarn.gguf", extra=[("llama.rope.scaling.type", ("yarn", gguf.GGUFValueType.STRING))])
     with pytest.raises(ValueError, match="RoPE scaling 'yarn'"):
         load_model(tmp_path / "yarn.gguf")
+
+
+# --------------------------------------------------------------------------- 16-bit files
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_folders_and_adapters_are_read(dtype, tmp_path, rng):
+    """Weights saved in bfloat16 (most Hub checkpoints) or float16 widen exactly to float32: the
+    logits are transformers' float32 forward of the same folder; a PEFT adapter saved in that dtype
+    loads with the same values."""
+    from softprompt import cli
+
+    torch_dtype = getattr(torch, dtype)
+    ref = _llama(tmp_path / "f32", ROPE["linear"])
+    ref.to(torch_dtype).save_pretrained(tmp_path / "half")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "half", dtype=torch.float32).eval()
+    ids = rng.integers(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    ours = load_model(tmp_path / "half")
+    assert ours.embed.dtype == np.float32
+    np.testing.assert_array_equal(ours.embed, ref.model.embed_tokens.weight.detach().numpy())  # exact widening
+    _close(ours.logits(ids), want)
+    assert cli.main(["info", "--model", str(tmp_path / "half")]) == 0
+    # an adapter PEFT saved in that dtype
+    pcfg = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "f32"), pcfg).to(torch_dtype)
+    pm.save_pretrained(tmp_path / "adapter")
+    saved = pm.prompt_encoder["default"].embedding.weight.detach().float().numpy()
+    adapter = PromptTuning.from_pretrained(tmp_path / "adapter", ours)
+    np.testing.assert_array_equal(adapter.prompt, saved)
+
+
+def test_unreadable_weight_files_are_named(tmp_path):
+    _llama(tmp_path / "hf", ROPE["linear"])
+    weights = next((tmp_path / "hf").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=f"{weights.name}: not a readable safetensors file"):
+        load_model(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",\n')
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(tmp_path / "hf")

@@ -9,11 +9,11 @@ _F = npt.NDArray[np.floating]
 
 def prefix_attention_forward(
     q: _F, k: _F, v: _F, prefix_k: _F, prefix_v: _F, causal: bool,
-    key_padding_mask: Optional[npt.NDArray[np.bool_]], scale: float,
+    key_padding_mask: Optional[npt.NDArray[np.bool_]], scale: float, window: int = 0,
 ) -> Tuple[_F, _F]: ...
 def prefix_attention_backward(
     dout: _F, q: _F, k: _F, v: _F, prefix_k: _F, prefix_v: _F, out: _F, lse: _F, causal: bool,
-    key_padding_mask: Optional[npt.NDArray[np.bool_]], scale: float,
+    key_padding_mask: Optional[npt.NDArray[np.bool_]], scale: float, window: int = 0,
 ) -> Tuple[_F, _F, _F, _F, _F]: ...
 def prepend_forward(prompt: _F, x: _F) -> _F: ...
 def prepend_backward(dy: _F, prompt_length: int, shared: bool) -> Tuple[_F, _F]: ...

@@ -94,13 +94,9 @@ class _Adapter:
             cfg = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from .models.loading import read_safetensors
 
-        try:
-            tensors = load_file(str(weights_file))
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+        tensors = read_safetensors(weights_file)
         if "prompt_embeddings" not in tensors:
             raise ValueError(f"{weights_file}: missing key 'prompt_embeddings' (found {sorted(tensors)})")
         matrix = np.asarray(tensors["prompt_embeddings"], dtype=np.float32)

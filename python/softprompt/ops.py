@@ -15,11 +15,12 @@ Input rules (the same for both backends):
 - non-contiguous and negative-stride views are accepted: they are copied to C order first
   (``numpy.ascontiguousarray``), which costs one copy of that argument.
 - every dimension must be at least 1, except the prefix/prompt length P, which may be 0.
-- NaN or Inf in the inputs is not checked (that would cost a pass over memory): it propagates to
-  the outputs of the rows it touches, as in any attention, and never crashes. The score of a key
-  hidden by a mask never counts, even if it is NaN or Inf; a NaN/Inf *value* row at a hidden
-  position still propagates (0 * Inf = NaN in the product), so keep padded positions finite. A
-  query that sees no key at all gets zeros (and lse = -inf), never NaN.
+- NaN or Inf in the inputs is not checked (that would cost a pass over memory) and never
+  swallowed: one that a query sees reaches exactly the outputs and gradients that autograd through
+  a plain softmax attention makes NaN. The score of a key hidden by a mask never counts, even if it
+  is NaN or Inf; a NaN/Inf *value* row at a hidden position still propagates (0 * Inf = NaN in the
+  product), so keep padded positions finite. A query that sees no key at all gets zeros (and
+  lse = -inf), never NaN.
 Bad input raises TypeError (wrong type or dtype) or ValueError (wrong shape or value) naming the
 argument and the expected vs actual shape or dtype.
 """
@@ -139,6 +140,19 @@ def _check_flag(name, value):
     return bool(value)
 
 
+def _check_window(window, causal):
+    """-> the window as _core takes it (0: none)."""
+    if window is None:
+        return 0
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window: expected an int or None, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window: expected a key count >= 1 or None, got {window}")
+    if not causal:
+        raise ValueError("window: a sliding window needs causal=True")
+    return int(window)
+
+
 def _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     """-> contiguous arrays, the mask (or None), causal and the resolved scale."""
     q = _array("q", q)
@@ -173,7 +187,8 @@ def _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scal
 
 
 # --------------------------------------------------------------------------- prefix attention
-def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None, backend=None):
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None,
+                             window=None, backend=None):
     """Attention of q over [prefix | input] keys and values.
 
     q [B, T, H, D]; k, v [B, S, Hkv, D] (Hkv divides H: query head h uses kv head h // (H // Hkv));
@@ -181,17 +196,24 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_p
     causal: query i sees input key j iff j <= i + (S - T); the prefix is always visible.
     key_padding_mask: bool [B, S], True = real token; prefix keys stay visible.
     scale: defaults to 1 / sqrt(D).
+    window: a sliding window of that many keys (None: none; needs causal). Positions: prefix key p
+    at p, input key j at P + j, query i at P + i + (S - T); a query at x sees a key at y iff
+    x - y < window, so virtual tokens fall out of a query's window like any other key, as in
+    transformers' sliding-window mask with PEFT's virtual tokens first in the cache (Mistral).
     -> out [B, T, H, D], lse [B, H, T] (log-sum-exp of the scaled visible scores; a query that sees
     no key gets out = 0 and lse = -inf).
     """
     q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    window = _check_window(window, causal)
     if _check_backend(backend or _backend) == "numpy":
-        return reference.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, scale=scale)
-    return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale)
+        return reference.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, scale=scale,
+                                                  window=window or None)
+    return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale, window)
 
 
 def prefix_attention_backward(
-    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, backend=None
+    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, window=None,
+    backend=None
 ):
     """Gradients of prefix_attention_forward, given dout [B, T, H, D] and the forward's out and lse.
 
@@ -200,6 +222,7 @@ def prefix_attention_backward(
     dk/dv (and the prefix's) sum over the query heads of each group.
     """
     q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    window = _check_window(window, causal)
     B, T, H, D = q.shape
     dout, out, lse = _array("dout", dout, q.dtype), _array("out", out, q.dtype), _array("lse", lse, q.dtype)
     _expect_shape("dout", dout, [("B", B), ("T", T), ("H", H), ("D", D)])
@@ -207,9 +230,9 @@ def prefix_attention_backward(
     _expect_shape("lse", lse, [("B", B), ("H", H), ("T", T)])
     if _check_backend(backend or _backend) == "numpy":
         return reference.prefix_attention_backward(
-            dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale
+            dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale, window=window or None
         )
-    return _core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, mask, scale)
+    return _core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, mask, scale, window)
 
 
 # --------------------------------------------------------------------------- prompt prepend

@@ -119,13 +119,19 @@ def _full_keys(k, v, prefix_k, prefix_v, H):
     return k_full, v_full
 
 
-def _visible(B, T, S, P, causal, key_padding_mask):
-    """Which keys each query sees -> bool [B, 1, T, P+S]. The prefix is always visible."""
+def _visible(B, T, S, P, causal, key_padding_mask, window=None):
+    """Which keys each query sees -> bool [B, 1, T, P+S]. The prefix is visible unless a sliding
+    window hides it: with positions prefix p -> p, input j -> P + j, query i -> P + i + (S - T), a
+    query at x sees a key at y iff x - y < window."""
     vis = np.ones((B, 1, T, P + S), dtype=bool)
     if causal:  # query i sees input key j iff j <= i + (S - T)
         i = np.arange(T)[:, None]
         j = np.arange(S)[None, :]
         vis[:, :, :, P:] &= j <= i + (S - T)
+    if window is not None:
+        x = P + np.arange(T)[:, None] + (S - T)
+        y = np.arange(P + S)[None, :]
+        vis &= x - y < window
     if key_padding_mask is not None:
         vis[:, :, :, P:] &= key_padding_mask[:, None, None, :]
     return vis
@@ -139,30 +145,35 @@ def _scores(q, k_full, scale):
 
 def _probabilities(scores, visible):
     """Masked softmax.  -> p [B, H, T, P+S], lse [B, H, T] (-inf where a query sees no key)."""
+    # A visible NaN score makes its row's max, and so the whole row, NaN (as in any softmax); a
+    # row that sees no key (max -inf) gets zeros and lse = -inf.
     scores = np.where(visible, scores, -np.inf)
-    m = scores.max(axis=-1, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(visible, np.exp(scores - m_safe), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
+    m = scores.max(axis=-1, keepdims=True)  # np.max keeps NaN
+    m_safe = np.where(np.isneginf(m), 0.0, m)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(visible, np.exp(scores - m_safe), 0.0)
+        total = e.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(total > 0, e / total, 0.0)
-        lse = np.where(total > 0, m_safe + np.log(total), -np.inf)[..., 0]
+        p = np.where(total == 0, 0.0, e / total)
+        lse = np.where(total == 0, -np.inf, m_safe + np.log(total))[..., 0]
     return p, lse
 
 
-def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None):
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None,
+                             window=None):
     """softmax(scale * q [prefix_k | k]^T) [prefix_v | v]  -> (out [B, T, H, D], lse [B, H, T])."""
     B, T, H, D = q.shape
     S, P = k.shape[1], prefix_k.shape[-3]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
-    p, lse = _probabilities(_scores(q, k_full, scale), _visible(B, T, S, P, causal, key_padding_mask))
-    out = _heads_first(p @ v_full)
+    p, lse = _probabilities(_scores(q, k_full, scale), _visible(B, T, S, P, causal, key_padding_mask, window))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs propagate (ops' rules), silently
+        out = _heads_first(p @ v_full)
     return np.ascontiguousarray(out, dtype=q.dtype), lse.astype(q.dtype, copy=False)
 
 
 def prefix_attention_backward(
-    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None
+    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, window=None
 ):
     """Gradients of the forward.  -> (dq, dk, dv, dprefix_k, dprefix_v), shaped like their inputs.
 
@@ -173,18 +184,19 @@ def prefix_attention_backward(
     S, Hkv, P = k.shape[1], k.shape[2], prefix_k.shape[-3]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
-    visible = _visible(B, T, S, P, causal, key_padding_mask)
-    hidden_row = ~np.isfinite(lse)[..., None]
+    visible = _visible(B, T, S, P, causal, key_padding_mask, window)
+    hidden_row = np.isneginf(lse)[..., None]  # sees no key (a NaN lse stays: its gradients are NaN)
     lse_safe = np.where(hidden_row, 0.0, lse[..., None])
-    with np.errstate(over="ignore"):  # hidden scores may overflow; they are dropped
+    with np.errstate(over="ignore", invalid="ignore"):  # hidden scores may overflow; they are dropped
         p = np.where(visible & ~hidden_row, np.exp(_scores(q, k_full, scale) - lse_safe), 0.0)  # from lse
     do = _heads_first(dout)  # [B, H, T, D]
-    dv_full = p.swapaxes(-1, -2) @ do  # [B, H, P+S, D]
-    dp = do @ v_full.swapaxes(-1, -2)  # [B, H, T, P+S]
-    delta = np.sum(dout * out, axis=-1).transpose(0, 2, 1)[..., None]  # [B, H, T, 1]
-    ds = p * (dp - delta)
-    dq = scale * _heads_first(ds @ k_full)
-    dk_full = scale * (ds.swapaxes(-1, -2) @ _heads_first(q))  # [B, H, P+S, D]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs propagate (ops' rules), silently
+        dv_full = p.swapaxes(-1, -2) @ do  # [B, H, P+S, D]
+        dp = do @ v_full.swapaxes(-1, -2)  # [B, H, T, P+S]
+        delta = np.sum(dout * out, axis=-1).transpose(0, 2, 1)[..., None]  # [B, H, T, 1]
+        ds = p * (dp - delta)
+        dq = scale * _heads_first(ds @ k_full)
+        dk_full = scale * (ds.swapaxes(-1, -2) @ _heads_first(q))  # [B, H, P+S, D]
     # Fold the repeated query heads back onto their kv head, then split prefix from input.
     group = H // Hkv
     dk_full = _heads_first(dk_full.reshape(B, Hkv, group, P + S, D).sum(axis=2))  # [B, P+S, Hkv, D]

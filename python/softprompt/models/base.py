@@ -56,6 +56,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 2048
+    sliding_window: int | None = None  # keys a query sees, itself included (Mistral, Qwen2); None: all
+    layer_types: tuple | None = None  # per layer "sliding_attention" | "full_attention"; None: every
+    # layer slides when sliding_window is set (transformers' names)
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases (Qwen2); GPT-2 and BERT always have them
     type_vocab_size: int = 0
@@ -191,6 +194,11 @@ class Transformer:
     def prepare(self, ctx, dtype):  # per-architecture tables for this forward (RoPE, ...)
         pass
 
+    def attention_window(self, i):
+        """Layer i's sliding window (keys a query sees, itself included; see ops'
+        prefix_attention_forward), or None for full attention."""
+        return None
+
     def kv_cache_limit(self):
         """The sequence length (positions) up to which keys cached by an earlier forward equal the
         keys a recomputation gives, or None when always (generation recomputes past it)."""
@@ -235,7 +243,7 @@ class Transformer:
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
         if ctx.packed is not None:
-            return self._packed_attention(q, k, v, ctx.packed)
+            return self._packed_attention(q, k, v, ctx.packed, self.attention_window(i))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
         if ctx.kv_cache is not None:
             cached = ctx.kv_cache.layers
@@ -243,14 +251,16 @@ class Transformer:
                 k = np.concatenate([cached[i][0], k], axis=1)
                 v = np.concatenate([cached[i][1], v], axis=1)
             cached[i] = (k, v)
-        return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask)
+        return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask,
+                                            window=self.attention_window(i))
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
         if ctx.packed is not None:
-            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed)
+            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed, self.attention_window(i))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask)
+        return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask,
+                                        self.attention_window(i))
 
     # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
     # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
@@ -259,29 +269,30 @@ class Transformer:
     def _unpack(a, P, B, T):
         return a[:, :P], a[0, P:].reshape(B, T, *a.shape[2:])
 
-    def _packed_attention(self, q, k, v, packed):
+    def _packed_attention(self, q, k, v, packed, window):
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb) = (self._unpack(a, P, B, T) for a in (q, k, v))
         empty = kp[0, :0]
-        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True)
+        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True, window=window)
         if B == 0:  # a data-parallel process without rows: the prompt's own rows only
             return out_p, (lse_p, None)
         out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True,
-                                                    key_padding_mask=packed.key_mask)
+                                                    key_padding_mask=packed.key_mask, window=window)
         out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
         return out, (lse_p, lse_b)
 
-    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed):
+    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window):
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
         empty = kp[0, :0]
         if B:
             dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True,
-                                                                  packed.key_mask)
+                                                                  packed.key_mask, window)
         else:
             dq_b = dk_b = dv_b = None
             dpk = dpv = np.zeros(kp.shape[1:], dtype=np.float64)
-        dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True)
+        dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True,
+                                                               window=window)
         if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
             dpk, dpv = np.split(packed.prompt_sum(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
         dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
@@ -503,7 +514,7 @@ class Transformer:
                 self.__dict__[name] = cast(value)
 
 
-def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask):
+def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None):
     """The attention backward with a shared prefix's gradient summed over the batch in float64:
     the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of n
     float32 rows does not round unless their magnitudes span more than about 2^(29 - log2 n), so
@@ -512,10 +523,11 @@ def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask):
     -> dq, dk, dv, dpk, dpv (float64)."""
     B, P = q.shape[0], pk.shape[0]
     if pk.ndim == 4 or P == 0:  # per-row or no prefix: nothing to sum
-        return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask)
+        return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask,
+                                             window=window)
     rows = lambda a: np.broadcast_to(a, (B, *a.shape))  # noqa: E731
     dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(dout, q, k, v, rows(pk), rows(pv), out, lse, causal=causal,
-                                                         key_padding_mask=mask)
+                                                         key_padding_mask=mask, window=window)
     return dq, dk, dv, dpk.sum(axis=0, dtype=np.float64), dpv.sum(axis=0, dtype=np.float64)
 
 

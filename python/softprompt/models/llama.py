@@ -40,6 +40,12 @@ class Llama(Transformer):
         ctx.rope = RopeTables(*nn.rope_tables(ctx.positions, c.head_dim, c.rope_theta, dtype, c.rope_scaling,
                                                    c.max_position_embeddings))
 
+    def attention_window(self, i):
+        c = self.config
+        if c.sliding_window is None or (c.layer_types is not None and c.layer_types[i] != "sliding_attention"):
+            return None
+        return c.sliding_window
+
     def kv_cache_limit(self):
         # Dynamic NTK scaling changes every frequency once a forward reaches past
         # max_position_embeddings, so keys rotated by an earlier, shorter forward go stale.

@@ -84,22 +84,37 @@ def retain_freed_memory():
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
-def _read_safetensors(folder: Path):
+def read_safetensors(file):
+    """{name: ndarray} of one safetensors file. bfloat16 tensors come as ml_dtypes.bfloat16 arrays
+    (ml_dtypes gives NumPy the type; widening them to float32 is exact). A file that cannot be read
+    raises a ValueError naming it and the reason."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' reader then uses)
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _read_safetensors(folder: Path):
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
         tensors = {}
         for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+            tensors.update(read_safetensors(folder / shard))
         return tensors
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"source: no *.safetensors weights in {str(folder)!r}")
     tensors = {}
     for f in files:
-        tensors.update(load_file(str(f)))
+        tensors.update(read_safetensors(f))
     return tensors
 
 
@@ -145,7 +160,12 @@ def _load_hf_folder(folder: Path, dtype):
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"source: {str(folder)!r} has no config.json")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
@@ -179,6 +199,7 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=_rope_theta(cfg),
         rope_scaling=_rope_scaling_from_hf(cfg),
+        **_sliding_window_from_hf(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
@@ -210,6 +231,32 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         if lm_head is None:  # some checkpoints tie without saying so
             lm_head = w("embed_tokens.weight")
     return Llama(config, w("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
+
+
+def _sliding_window_from_hf(cfg):
+    """{sliding_window, layer_types} as transformers reads them: Mistral's `sliding_window` (None:
+    full attention) on every layer; Qwen2's only with `use_sliding_window`, on the layers of
+    `layer_types`, or by default those from `max_window_layers` on. Llama has no window."""
+    kind, n = cfg.get("model_type"), cfg["num_hidden_layers"]
+    window, types = None, cfg.get("layer_types")
+    if kind == "mistral":
+        window = cfg.get("sliding_window")
+    elif kind == "qwen2":
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
+        if types is None:
+            first = cfg.get("max_window_layers", 28)
+            types = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n)]
+    elif kind == "llama":
+        types = None  # LlamaConfig has neither setting
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"config.json: sliding_window {window!r} is not a positive integer")
+    if types is not None:
+        types = tuple(types)
+        bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+        if len(types) != n or bad:
+            raise ValueError(f"config.json: layer_types {list(types)} must give 'sliding_attention' or "
+                             f"'full_attention' for each of the {n} layers")
+    return {"sliding_window": window, "layer_types": types}
 
 
 # RoPE settings: transformers 5 writes `rope_parameters` (with rope_type, rope_theta, ...); the
