@@ -42,8 +42,13 @@ def _atomic_write(path: Path, write):
         raise
 
 
+HEAD_NAME = "classification_head.safetensors"  # a prefix adapter's head (see save_pretrained)
+
+
 def _task_type(model):
-    return "SEQ_CLS" if model.config.arch == "bert" else "CAUSAL_LM"
+    """PEFT's task type for an adapter without a head: an encoder's is FEATURE_EXTRACTION (PEFT
+    loads it in BertModel); a head makes a prompt adapter SEQ_CLS (save_pretrained)."""
+    return "FEATURE_EXTRACTION" if not model.config.causal else "CAUSAL_LM"
 
 
 class _Adapter:
@@ -54,7 +59,25 @@ class _Adapter:
     head = None  # a losses.ClassificationHead trained with the adapter (BERT), saved beside it
 
     def parameters(self):
-        """The trainable arrays, by name (what an optimizer updates in place)."""
+        """The trainable arrays, by name (what an optimizer updates in place): the adapter's own,
+        and its classification head's ("classifier.weight", "classifier.bias") when it has one."""
+        params = dict(self.own_parameters())
+        if self.head is not None:
+            params.update(self.head.parameters())
+        return params
+
+    def own_parameters(self):
+        raise NotImplementedError
+
+    def gradients(self, grads):
+        """Gradients matching parameters(), from the model's backward dict ("prompt" or "prefix")
+        and, with a head, the head's gradients in the same dict."""
+        out = dict(self.own_gradients(grads))
+        if self.head is not None:
+            out.update({k: grads[k] for k in self.head.parameters()})
+        return out
+
+    def own_gradients(self, grads):
         raise NotImplementedError
 
     def num_trainable(self):
@@ -67,17 +90,25 @@ class _Adapter:
               f"trainable%: {100 * trainable / (trainable + frozen):.4f}")
 
     def save_pretrained(self, directory):
-        """Writes adapter_model.safetensors and adapter_config.json into `directory` (atomically)."""
+        """Writes adapter_model.safetensors and adapter_config.json into `directory` (atomically).
+        With a classification head: a prompt adapter becomes PEFT's SEQ_CLS, the head saved as its
+        modules_to_save (PEFT loads it in BertForSequenceClassification); a prefix adapter, which
+        PEFT refuses there ("does not support past key values"), stays FEATURE_EXTRACTION (PEFT
+        loads it in BertModel) and its head goes to classification_head.safetensors beside it."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
         weights = {"prompt_embeddings": np.ascontiguousarray(self.peft_matrix(), dtype=np.float32)}
         config = self.peft_config()
-        if self.head is not None:  # PEFT keeps a sequence classifier as modules_to_save
-            weights["base_model.classifier.weight"] = np.ascontiguousarray(self.head.weight, dtype=np.float32)
-            weights["base_model.classifier.bias"] = np.ascontiguousarray(self.head.bias, dtype=np.float32)
+        head = None
+        if self.head is not None:
+            head = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.head.parameters().items()}
+        if head is not None and self.kind == "prompt":  # PEFT keeps a sequence classifier as modules_to_save
+            weights.update({f"base_model.{k}": v for k, v in head.items()})
             config["modules_to_save"] = ["classifier", "score"]
             config["task_type"] = "SEQ_CLS"
+        elif head is not None:
+            _atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp))
         _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))
         text = json.dumps(config, indent=2, sort_keys=True)
         _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -120,13 +151,18 @@ class _Adapter:
             raise ValueError(f"{cfg_file}: peft_type {peft_type!r} is not PROMPT_TUNING or PREFIX_TUNING")
         adapter.base_model_name_or_path = cfg.get("base_model_name_or_path") or ""
         adapter.task_type = cfg.get("task_type") or "CAUSAL_LM"
+        head = None
         if "base_model.classifier.weight" in tensors:
+            head = {k[len("base_model."):]: v for k, v in tensors.items() if k.startswith("base_model.classifier.")}
+        elif (directory / HEAD_NAME).exists():
+            head = read_safetensors(directory / HEAD_NAME)
+        if head is not None:
             from .losses import ClassificationHead
 
-            w = np.asarray(tensors["base_model.classifier.weight"], dtype=np.float32)
+            w = np.asarray(head["classifier.weight"], dtype=np.float32)
             adapter.head = ClassificationHead(w.shape[1], w.shape[0])
             adapter.head.weight[:] = w
-            adapter.head.bias[:] = tensors.get("base_model.classifier.bias", np.zeros(w.shape[0], np.float32))
+            adapter.head.bias[:] = head.get("classifier.bias", np.zeros(w.shape[0], np.float32))
         if model is not None:
             adapter.check_model(model)
         return adapter
@@ -178,14 +214,13 @@ class PromptTuning(_Adapter):
         adapter.task_type = _task_type(model)
         return adapter
 
-    def parameters(self):
+    def own_parameters(self):
         return {"prompt": self.prompt}
 
     def prompt_matrix(self):
         return self.prompt
 
-    def gradients(self, grads):
-        """The model's backward dict -> {name: gradient} matching parameters()."""
+    def own_gradients(self, grads):
         return {"prompt": grads["prompt"]}
 
     def check_model(self, model):
@@ -254,13 +289,13 @@ class PrefixTuning(_Adapter):
         adapter.task_type = _task_type(model)
         return adapter
 
-    def parameters(self):
+    def own_parameters(self):
         return {"prefix": self.prefix}
 
     def prefix_matrix(self):
         return self.prefix
 
-    def gradients(self, grads):
+    def own_gradients(self, grads):
         return {"prefix": grads["prefix"]}
 
     def check_model(self, model):
@@ -322,7 +357,7 @@ class PrefixProjection(PrefixTuning):
     def num_virtual_tokens(self):
         return self.base.shape[2]
 
-    def parameters(self):
+    def own_parameters(self):
         return {"emb": self.emb, "w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
 
     def _mlp(self):
@@ -334,7 +369,7 @@ class PrefixProjection(PrefixTuning):
         _, out = self._mlp()
         return self.base + out.reshape(P, L, 2, H, D).transpose(1, 2, 0, 3, 4)
 
-    def gradients(self, grads):
+    def own_gradients(self, grads):
         L, _, P, H, D = self.base.shape
         dout = grads["prefix"].transpose(2, 0, 1, 3, 4).reshape(P, L * 2 * H * D)
         h, _ = self._mlp()
@@ -343,7 +378,7 @@ class PrefixProjection(PrefixTuning):
 
     def merged(self):
         out = PrefixTuning(self.prefix_matrix())
-        out.base_model_name_or_path, out.task_type = self.base_model_name_or_path, self.task_type
+        out.base_model_name_or_path, out.task_type, out.head = self.base_model_name_or_path, self.task_type, self.head
         return out
 
     def save_pretrained(self, directory):

@@ -161,13 +161,14 @@ class Encoded:
     answer: int | None = None
 
 
-def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512):
-    """The template around the text; the answer is read at the last token."""
-    ids = tokenizer.encode(template.format(text=example.text), add_special_tokens=False).ids
+def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512, add_special_tokens=False):
+    """The template around the text; the answer is read at the last token. add_special_tokens: the
+    tokenizer's own (BERT's [CLS] ... [SEP], which its pooler and classification head read)."""
+    ids = tokenizer.encode(template.format(text=example.text), add_special_tokens=add_special_tokens).ids
     words = example.text.split()
     while len(ids) > max_tokens and words:  # a very long text loses words from its end
         words = words[: len(words) * 3 // 4]
-        ids = tokenizer.encode(template.format(text=" ".join(words)), add_special_tokens=False).ids
+        ids = tokenizer.encode(template.format(text=" ".join(words)), add_special_tokens=add_special_tokens).ids
     return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label))
 
 

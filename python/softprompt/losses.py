@@ -97,7 +97,9 @@ def label_word_loss(model, hidden, positions, label_ids, labels, total=None):
 
 
 class ClassificationHead:
-    """logits = pooled @ weight.T + bias on BERT's pooled output; trainable beside the adapter."""
+    """logits = pooled @ weight.T + bias on an encoder's pooled output (BERT's tanh(dense(h[:, 0]))),
+    trained beside the adapter; PEFT's `classifier` of BertForSequenceClassification. Init: normal
+    with std 0.02 (BERT's initializer_range), zero bias."""
 
     def __init__(self, hidden_size, num_labels, seed=0):
         rng = np.random.default_rng(seed)
@@ -107,9 +109,16 @@ class ClassificationHead:
     def parameters(self):
         return {"classifier.weight": self.weight, "classifier.bias": self.bias}
 
-    def loss(self, pooled, labels):
-        """pooled [B, C], labels [B] -> (loss, dpooled, grads {name: array}, logits)."""
-        logits = pooled @ self.weight.T + self.bias
-        loss, dlogits = cross_entropy(logits, np.asarray(labels))
-        grads = {"classifier.weight": dlogits.T @ pooled, "classifier.bias": dlogits.sum(0)}
-        return loss, dlogits @ self.weight, grads, logits
+    def logits(self, pooled):
+        """pooled [B, C] -> [B, K], row by row (a row's result does not depend on its batch)."""
+        return _rowwise(pooled, self.weight.T) + self.bias
+
+    def loss(self, pooled, labels, total=None):
+        """pooled [B, C], labels [B] in [0, K) -> (loss, dpooled [B, C], grads {name: array, float64},
+        logits [B, K]). total: as in cross_entropy. The weight's gradient sums the rows' outer
+        products in float64 (exact for float32 rows), so any split of the batch gives the same sum."""
+        logits = self.logits(pooled)
+        loss, dlogits = cross_entropy(logits, np.asarray(labels), total)
+        grads = {"classifier.weight": np.einsum("nk,nc->kc", dlogits.astype(np.float64), pooled.astype(np.float64)),
+                 "classifier.bias": dlogits.sum(0, dtype=np.float64)}
+        return loss, _rowwise(dlogits, self.weight), grads, logits

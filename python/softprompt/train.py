@@ -21,7 +21,7 @@ import numpy as np
 
 from . import data as data_mod
 from . import losses
-from .adapters import PrefixProjection, PrefixTuning, PromptTuning, _atomic_write
+from .adapters import PrefixProjection, PrefixTuning, PromptTuning, _atomic_write, _task_type
 
 # Defaults per method, chosen by experiment on the default job (see README).
 # With --prefix-projection every Adam step moves the prefix through a 256-wide MLP: the same 5e-3
@@ -125,23 +125,33 @@ def clip_gradients(grads, max_norm):
     return norm
 
 
-def make_adapter(model, cfg, label_ids=None):
-    """A fresh adapter for the resolved TrainConfig (label_ids: for the "labels" init)."""
+def make_adapter(model, cfg, label_ids=None, num_labels=None):
+    """A fresh adapter for the resolved TrainConfig (label_ids: for the "labels" init). num_labels:
+    give it a ClassificationHead of that many classes (an encoder's classification, Task.uses_head)."""
     P = cfg.num_virtual_tokens
     if cfg.method == "prompt":
-        return PromptTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, label_ids=label_ids,
-                                      seed=cfg.seed)
-    if cfg.prefix_projection:
+        adapter = PromptTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, label_ids=label_ids,
+                                         seed=cfg.seed)
+    elif cfg.prefix_projection:
         base = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed).prefix
         adapter = PrefixProjection(base, cfg.encoder_hidden_size, seed=cfg.seed)
         adapter.base_model_name_or_path = model.config.name_or_path
-        return adapter
-    return PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
+        adapter.task_type = _task_type(model)
+    else:
+        adapter = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
+    if num_labels:
+        adapter.head = losses.ClassificationHead(model.config.hidden_size, num_labels, seed=cfg.seed)
+    return adapter
 
 
 # --------------------------------------------------------------------------- the task
 class Task:
-    """Encodes a Dataset for a model and computes loss, gradient and accuracy on batches."""
+    """Encodes a Dataset for a model and computes loss, gradient and accuracy on batches.
+
+    Classification with a causal LM scores the label words at the answer position; with an encoder
+    (BERT: `uses_head`) a ClassificationHead on the pooled output is trained with the adapter (it
+    is the adapter's .head, see make_adapter), and the input gets the tokenizer's special tokens
+    ([CLS] first, which the pooler reads), as PEFT's users tokenize for BertForSequenceClassification."""
 
     def __init__(self, model, dataset, template=data_mod.TEMPLATE):
         self.model, self.dataset, self.template = model, dataset, template
@@ -149,10 +159,15 @@ class Task:
         if tok is None:
             raise ValueError("model: training needs a tokenizer")
         self.kind = dataset.kind
+        self.uses_head = self.kind == "classification" and not model.config.causal
+        if self.kind == "generation" and not model.config.causal:
+            raise ValueError("data: generation (source/target) needs a causal model, not an encoder")
         if self.kind == "classification":
             self.labels = list(dataset.labels)
-            self.label_ids = data_mod.label_word_ids(tok, self.labels)
-            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template)  # noqa: E731
+            self.label_ids = [] if self.uses_head else data_mod.label_word_ids(tok, self.labels)
+            special = self.uses_head
+            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template,  # noqa: E731
+                                                           add_special_tokens=special)
         else:
             self.labels, self.label_ids = [], []
             eos = model.config.eos_token_id
@@ -169,6 +184,8 @@ class Task:
         prompt_sum: see Transformer.backward. raw: the model's gradient of the prompt or prefix
         itself ({"prompt"} or {"prefix"}), before the adapter maps it to its parameters."""
         ids, mask = data_mod.pad_batch(batch, length=length)
+        if self.uses_head:
+            return self._head_loss_and_grads(adapter, batch, ids, mask, total, raw)
         hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
             pos = mask.sum(1) - 1
@@ -183,14 +200,33 @@ class Task:
         grads = {k: grads[k] for k in ("prompt", "prefix") if k in grads} if raw else adapter.gradients(grads)
         return loss, grads, int(mask.sum()), weight
 
+    def _head_loss_and_grads(self, adapter, batch, ids, mask, total, raw):
+        """loss_and_grads through the adapter's classification head on the pooled output."""
+        head = _head(adapter)
+        hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True, keep_virtual=True)
+        pooled, pooled_cache = self.model.pooled(hidden)
+        loss, dpooled, head_grads, _ = head.loss(pooled, np.array([e.answer for e in batch]), total)
+        grads = self.model.backward(self.model.pooled_backward(dpooled, pooled_cache), cache)
+        grads = {**{k: grads[k] for k in ("prompt", "prefix") if k in grads}, **head_grads}
+        return loss, grads if raw else adapter.gradients(grads), int(mask.sum()), len(batch)
+
+    def logits(self, adapter, ids, mask, head=None):
+        """Classification logits [B, K] of a padded batch: the label words at the last real token,
+        or (uses_head) the head on the pooled output (head: the adapter's, or this one)."""
+        if self.uses_head:
+            hidden = self.model.forward(ids, mask, adapter=adapter, keep_virtual=True)
+            return _head(adapter, head).logits(self.model.pooled(hidden)[0])
+        hidden = self.model.forward(ids, mask, adapter=adapter)
+        return losses.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
+
     def weight(self, e):
         """What one example counts in a mean loss: 1, or its target tokens (generation)."""
         return 1 if self.kind == "classification" else max(0, len(e.ids) - 1 - e.loss_from)
 
-    def evaluate(self, adapter, examples, batch_size=32, limit=None, comm=None):
+    def evaluate(self, adapter, examples, batch_size=32, limit=None, comm=None, head=None):
         """Classification accuracy (or, for generation, the mean loss per target token) on examples.
         With an MPI communicator every rank evaluates its share and the sums are reduced (all
-        ranks must call it)."""
+        ranks must call it). head: the classification head to use without an adapter (uses_head)."""
         examples = examples[:limit] if limit else examples
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
         if comm is not None and comm.size > 1:
@@ -199,11 +235,11 @@ class Task:
         for b0 in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[b0:b0 + batch_size]]
             ids, mask = data_mod.pad_batch(batch)
-            hidden = self.model.forward(ids, mask, adapter=adapter)
             if self.kind == "classification":
-                logits = losses.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
+                logits = self.logits(adapter, ids, mask, head)
                 correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
             else:  # a sum over target tokens, whatever batches they fall in
+                hidden = self.model.forward(ids, mask, adapter=adapter)
                 target_ids, loss_mask = _next_token_targets(ids, mask, batch)
                 if loss_mask.any():
                     loss_sum += losses.lm_loss(self.model, hidden, target_ids, loss_mask, total=1)[0]
@@ -217,10 +253,17 @@ class Task:
     def predict(self, adapter, text):
         """The label (classification) for one text."""
         e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
-                                           self.labels, self.template)
-        hidden = self.model.forward(np.array([e.ids]), adapter=adapter)
-        logits = losses.label_word_logits(self.model, hidden, np.array([len(e.ids) - 1]), self.label_ids)
+                                           self.labels, self.template, add_special_tokens=self.uses_head)
+        logits = self.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), dtype=bool))
         return self.labels[int(logits.argmax())]
+
+
+def _head(adapter, head=None):
+    head = head if head is not None else getattr(adapter, "head", None)
+    if head is None:
+        raise ValueError("adapter: classification with an encoder needs the adapter's classification head "
+                         "(adapter.head); this adapter has none")
+    return head
 
 
 def _next_token_targets(ids, mask, batch):
@@ -348,7 +391,7 @@ def _setup(cfg, model, dataset, log, comm):
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
-    adapter = make_adapter(task.model, cfg, task.label_ids)
+    adapter = make_adapter(task.model, cfg, task.label_ids, num_labels=len(task.labels) if task.uses_head else None)
     opt = AdamW(adapter.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(task.train) / (cfg.batch_size * cfg.grad_accum)))
     total = int(round(cfg.epochs * steps_per_epoch)) if cfg.epochs else cfg.max_steps
@@ -364,7 +407,7 @@ def _start(run):
     n_test = min(len(task.test), cfg.max_eval or len(task.test))
     ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
     run.log(f"{len(task.train)} training examples{ranks}; evaluating the start on {n_test} test examples...")
-    run.state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm)
+    run.state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm, head=run.adapter.head)
     run.state["initial"] = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm)
     run.log(f"zero-shot test {run.metric} (frozen model, no adapter): {run.state['zero_shot']:.4f}; "
             f"with the initialized {cfg.method} adapter: {run.state['initial']:.4f}")
@@ -495,12 +538,14 @@ def step_gradients(task, adapter, micro, comm):
     weight_sum = sum(task.weight(task.train[i]) for batch in micro for i in batch)
     if weight_sum == 0:
         raise ValueError("data: a step's batches have no target tokens")
-    # The model's gradient of the prompt or prefix is summed (over micro-batches and ranks) before
-    # the adapter maps it to its parameters (PrefixProjection's MLP), so the map runs once, on the
-    # same sum everywhere.
+    # The model's gradient of the prompt or prefix (and a head's) is summed (over micro-batches and
+    # ranks) before the adapter maps it to its parameters (PrefixProjection's MLP), so the map runs
+    # once, on the same sum everywhere.
     name = "prompt" if adapter.kind == "prompt" else "prefix"
-    shape = adapter.prompt_matrix().shape if name == "prompt" else adapter.prefix_matrix().shape
-    total = np.zeros(shape, dtype=np.float64)
+    shapes = {name: adapter.prompt_matrix().shape if name == "prompt" else adapter.prefix_matrix().shape}
+    if adapter.head is not None:
+        shapes.update({k: v.shape for k, v in adapter.head.parameters().items()})
+    totals = {k: np.zeros(shape, dtype=np.float64) for k, shape in shapes.items()}
     loss_sum, tokens = 0.0, 0
     # Prompt tuning's shared prompt rows (models.base): their backward sums, layer by layer, what
     # every rank's rows give them (the model's backward calls prompt_sum), so every rank holds the
@@ -517,12 +562,19 @@ def step_gradients(task, adapter, micro, comm):
         length = max(len(task.train[i].ids) for i in batch) if comm.size > 1 else None
         loss, grads, n, _ = task.loss_and_grads(adapter, [task.train[i] for i in mine], length, weight_sum,
                                                 comm.allreduce_sum if shared else None, raw=True)
-        if not shared or comm.rank == next(r for r, part in enumerate(parts) if part):
-            total += grads[name]
+        first_with_rows = next(r for r, part in enumerate(parts) if part)
+        for k, g in grads.items():
+            if k != name or not shared or comm.rank == first_with_rows:
+                totals[k] += g
         loss_sum += loss
         tokens += n
-    flat = comm.allreduce_sum(np.concatenate([total.reshape(-1), [loss_sum, tokens]]))
-    mapped = adapter.gradients({name: flat[:-2].reshape(shape).astype(params[next(iter(params))].dtype)})
+    flat = comm.allreduce_sum(np.concatenate([t.reshape(-1) for t in totals.values()] + [[loss_sum, tokens]]))
+    summed, start = {}, 0
+    for k, shape in shapes.items():
+        size = int(np.prod(shape))
+        summed[k] = flat[start:start + size].reshape(shape).astype(params[next(iter(params))].dtype)
+        start += size
+    mapped = adapter.gradients(summed)
     grads_sum = {k: np.asarray(g, dtype=params[k].dtype).reshape(params[k].shape) for k, g in mapped.items()}
     return grads_sum, float(flat[-2]), int(flat[-1])
 

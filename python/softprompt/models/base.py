@@ -65,6 +65,8 @@ class ModelConfig:
     model_type: str = ""  # the Hugging Face model_type it came from (llama, qwen2, gpt2, bert)
     name_or_path: str = ""
     causal: bool = True
+    attention_scale: float | None = None  # the scores' factor; None: 1 / sqrt(head_dim)
+    attention_scale_by_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: / (layer + 1)
     bos_token_id: int | None = None
     eos_token_id: int | None = None  # generation stops here; appended to generation targets
     pad_token_id: int | None = None
@@ -194,6 +196,14 @@ class Transformer:
     def prepare(self, ctx, dtype):  # per-architecture tables for this forward (RoPE, ...)
         pass
 
+    def attention_scale(self, i):
+        """Layer i's score factor (None: the ops' default 1 / sqrt(head_dim))."""
+        c = self.config
+        if c.attention_scale is None and not c.attention_scale_by_layer:
+            return None
+        scale = c.head_dim**-0.5 if c.attention_scale is None else c.attention_scale
+        return scale / (i + 1) if c.attention_scale_by_layer else scale
+
     def attention_window(self, i):
         """Layer i's sliding window (keys a query sees, itself included; see ops'
         prefix_attention_forward), or None for full attention."""
@@ -243,7 +253,7 @@ class Transformer:
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
         if ctx.packed is not None:
-            return self._packed_attention(q, k, v, ctx.packed, self.attention_window(i))
+            return self._packed_attention(q, k, v, ctx.packed, self.attention_window(i), self.attention_scale(i))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
         if ctx.kv_cache is not None:
             cached = ctx.kv_cache.layers
@@ -252,15 +262,16 @@ class Transformer:
                 v = np.concatenate([cached[i][1], v], axis=1)
             cached[i] = (k, v)
         return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask,
-                                            window=self.attention_window(i))
+                                            window=self.attention_window(i), scale=self.attention_scale(i))
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
         if ctx.packed is not None:
-            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed, self.attention_window(i))
+            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed, self.attention_window(i),
+                                                   self.attention_scale(i))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
         return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask,
-                                        self.attention_window(i))
+                                        self.attention_window(i), self.attention_scale(i))
 
     # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
     # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
@@ -269,30 +280,30 @@ class Transformer:
     def _unpack(a, P, B, T):
         return a[:, :P], a[0, P:].reshape(B, T, *a.shape[2:])
 
-    def _packed_attention(self, q, k, v, packed, window):
+    def _packed_attention(self, q, k, v, packed, window, scale):
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb) = (self._unpack(a, P, B, T) for a in (q, k, v))
         empty = kp[0, :0]
-        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True, window=window)
+        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True, window=window, scale=scale)
         if B == 0:  # a data-parallel process without rows: the prompt's own rows only
             return out_p, (lse_p, None)
         out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True,
-                                                    key_padding_mask=packed.key_mask, window=window)
+                                                    key_padding_mask=packed.key_mask, window=window, scale=scale)
         out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
         return out, (lse_p, lse_b)
 
-    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window):
+    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window, scale):
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
         empty = kp[0, :0]
         if B:
             dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True,
-                                                                  packed.key_mask, window)
+                                                                  packed.key_mask, window, scale)
         else:
             dq_b = dk_b = dv_b = None
             dpk = dpv = np.zeros(kp.shape[1:], dtype=np.float64)
         dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True,
-                                                               window=window)
+                                                               window=window, scale=scale)
         if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
             dpk, dpv = np.split(packed.prompt_sum(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
         dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
@@ -514,7 +525,7 @@ class Transformer:
                 self.__dict__[name] = cast(value)
 
 
-def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None):
+def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None, scale=None):
     """The attention backward with a shared prefix's gradient summed over the batch in float64:
     the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of n
     float32 rows does not round unless their magnitudes span more than about 2^(29 - log2 n), so
@@ -524,10 +535,10 @@ def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, wind
     B, P = q.shape[0], pk.shape[0]
     if pk.ndim == 4 or P == 0:  # per-row or no prefix: nothing to sum
         return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask,
-                                             window=window)
+                                             window=window, scale=scale)
     rows = lambda a: np.broadcast_to(a, (B, *a.shape))  # noqa: E731
     dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(dout, q, k, v, rows(pk), rows(pv), out, lse, causal=causal,
-                                                         key_padding_mask=mask, window=window)
+                                                         key_padding_mask=mask, window=window, scale=scale)
     return dq, dk, dv, dpk.sum(axis=0, dtype=np.float64), dpv.sum(axis=0, dtype=np.float64)
 
 

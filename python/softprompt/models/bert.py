@@ -86,7 +86,13 @@ class Bert(Transformer):
 def bert_from_hf(cfg, w, tokenizer, source):
     C, H = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"source: BERT activation {cfg['hidden_act']!r} is not supported (gelu)")
+        raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported for BERT (gelu)")
+    for key in ("add_cross_attention", "is_decoder"):
+        if cfg.get(key):
+            raise ValueError(f"config.json: {key} true is not supported (BERT as a bidirectional encoder)")
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"config.json: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                         "(absolute)")
     config = ModelConfig(
         arch="bert",
         num_layers=cfg["num_hidden_layers"],

@@ -14,12 +14,13 @@ from .base import ModelConfig, Transformer
 
 
 class GPT2(Transformer):
-    def __init__(self, config: ModelConfig, embed, positions, layers, final_ln, tokenizer=None):
+    def __init__(self, config: ModelConfig, embed, positions, layers, final_ln, tokenizer=None, lm_head=None):
         self.config, self.embed, self.wpe, self.layers, self.final_ln = config, embed, positions, layers, final_ln
+        self.lm_head = lm_head  # None: tied to embed (GPT-2's default)
         self.tokenizer = tokenizer
 
     def output_embeddings(self):
-        return self.embed  # tied
+        return self.embed if self.lm_head is None else self.lm_head
 
     def embed_forward(self, x, ctx):
         if ctx.positions.max() >= self.wpe.shape[0]:
@@ -71,13 +72,19 @@ def gpt2_from_hf(cfg, w, tokenizer, source):
         intermediate_size=cfg.get("n_inner") or 4 * C,
         norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
         max_position_embeddings=cfg.get("n_positions", 1024),
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
         attention_bias=True,
         model_type="gpt2",
         name_or_path=cfg.get("_name_or_path") or source,
+        # scale_attn_weights False: raw q . k scores; scale_attn_by_inverse_layer_idx: / (layer + 1)
+        attention_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
+        attention_scale_by_layer=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
     )
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"source: GPT-2 activation {cfg['activation_function']!r} is not supported (gelu_new)")
+        raise ValueError(f"config.json: activation_function {cfg['activation_function']!r} is not supported for "
+                         "GPT-2 (gelu_new, gelu_pytorch_tanh)")
+    if cfg.get("add_cross_attention"):
+        raise ValueError("config.json: add_cross_attention true is not supported (GPT-2 as a decoder alone)")
     layers = []
     for i in range(config.num_layers):
         p = f"h.{i}."
@@ -89,7 +96,9 @@ def gpt2_from_hf(cfg, w, tokenizer, source):
             "fc": _rows(w(p + "mlp.c_fc.weight")), "fc_bias": w(p + "mlp.c_fc.bias"),
             "mlp_proj": _rows(w(p + "mlp.c_proj.weight")), "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
         })
-    return GPT2(config, w("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer)
+    lm_head = None if config.tie_word_embeddings else w("lm_head.weight", optional=True)
+    return GPT2(config, w("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer,
+                lm_head)
 
 
 def _rows(conv1d_weight):

@@ -14,8 +14,9 @@ from .quant import QuantizedWeight
 
 
 class Llama(Transformer):
-    """weights: embed [V, C]; per layer dict with attn_norm, q, k, v, o (+ q_bias, k_bias, v_bias),
-    mlp_norm, gate, up, down; final_norm [C]; lm_head [V, C] or None when tied to embed.
+    """weights: embed [V, C]; per layer dict with attn_norm, q, k, v, o, mlp_norm, gate, up, down
+    (+ optional biases q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias); final_norm
+    [C]; lm_head [V, C] or None when tied to embed.
 
     At construction q/k/v are stacked into one "qkv" [(H + 2 Hkv) D, C] and gate/up into one
     "gate_up" [2F, C], once; "q", "gate", ... stay as row views of them (no second copy). One GEMM
@@ -61,11 +62,11 @@ class Llama(Transformer):
         x, rstd1 = nn.rmsnorm(h, w["attn_norm"], c.norm_eps)
         q, k, v = nn.rope_split(nn.linear(x, w["qkv"], w.get("qkv_bias")), cos, sin, H, Hkv, D)
         att, lse = self.attention(i, q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D), ctx)
-        h_mid = nn.linear(att.reshape(B * L, H * D), w["o"])
+        h_mid = nn.linear(att.reshape(B * L, H * D), w["o"], w.get("o_bias"))
         h_mid += h
         x2, rstd2 = nn.rmsnorm(h_mid, w["mlp_norm"], c.norm_eps)
-        gate_up = nn.linear(x2, w["gate_up"])  # [N, 2F]
-        out = nn.linear(nn.swiglu(gate_up), w["down"])
+        gate_up = nn.linear(x2, w["gate_up"], w.get("gate_up_bias"))  # [N, 2F]
+        out = nn.linear(nn.swiglu(gate_up), w["down"], w.get("down_bias"))
         out += h_mid
         # The cache holds what the backward reads and nothing it can rebuild cheaply: the normed
         # inputs x, x2 and the SwiGLU output are not kept.
@@ -106,12 +107,13 @@ def _fuse(w, refuse=False):
     separate names kept as row views; the layer's reference to each original is dropped as soon as
     it is copied (the GGUF loader holds no other, so loading it never holds two copies of the
     model). refuse: rebuild after a cast broke the views apart."""
-    if any(b in w for b in ("q_bias", "k_bias", "v_bias")):  # a missing one of the three is a zero bias
-        for b, rows in (("q_bias", "q"), ("k_bias", "k"), ("v_bias", "v")):
-            if w.get(b) is None:
-                w[b] = np.zeros(w[rows].shape[0], dtype=w[rows].dtype)
+    for group in (("q", "k", "v"), ("gate", "up")):  # a missing bias beside a present one is zero
+        if any(f"{g}_bias" in w for g in group):
+            for rows in group:
+                if w.get(f"{rows}_bias") is None:
+                    w[f"{rows}_bias"] = np.zeros(w[rows].shape[0], dtype=w[rows].dtype)
     for fused, parts in (("qkv", ("q", "k", "v")), ("qkv_bias", ("q_bias", "k_bias", "v_bias")),
-                         ("gate_up", ("gate", "up"))):
+                         ("gate_up", ("gate", "up")), ("gate_up_bias", ("gate_bias", "up_bias"))):
         if not all(p in w for p in parts) or (fused in w and not refuse):
             continue
         stacked = _stack([w[p] for p in parts])

@@ -187,6 +187,9 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
 
     w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source)
     heads = cfg["num_attention_heads"]
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"config.json: hidden_act {act!r} is not supported for {cfg['model_type']} (silu: SwiGLU)")
     config = ModelConfig(
         arch="llama",
         num_layers=cfg["num_hidden_layers"],
@@ -220,8 +223,12 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
             "up": w(p + "mlp.up_proj.weight"),
             "down": w(p + "mlp.down_proj.weight"),
         }
-        for name in ("q", "k", "v"):
-            bias = w(p + f"self_attn.{name}_proj.bias", optional=True)
+        # attention_bias (q/k/v and o), Qwen2's q/k/v biases, mlp_bias (gate/up/down): whatever the
+        # checkpoint holds is used; a bias it lacks is zero, as in a layer built without one.
+        for name, key in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                          ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                          ("down", "mlp.down_proj")):
+            bias = w(p + key + ".bias", optional=True)
             if bias is not None:
                 layer[name + "_bias"] = bias
         layers.append(layer)
@@ -364,6 +371,32 @@ def _gguf_tokenizer(reader):
     return tok
 
 
+# The llama.* keys the loader reads (or knows to change nothing: llama.vocab_size is the embedding
+# table's rows); any other key of the architecture is refused, so a setting that changes the
+# forward pass is never dropped unread.
+_GGUF_KEYS = {"llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
+              "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.layer_norm_rms_epsilon",
+              "llama.rope.freq_base", "llama.rope.dimension_count", "llama.vocab_size", "llama.rope.scaling.type",
+              "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length",
+              "llama.attention.key_length", "llama.attention.value_length", "llama.expert_count",
+              "llama.expert_used_count"}
+
+
+def _check_gguf_keys(reader, path):
+    unknown = sorted(k for k in reader.fields if k.startswith("llama.") and k not in _GGUF_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: GGUF keys {unknown} are not supported by the llama loader")
+    heads, hidden = _gguf_field(reader, "llama.attention.head_count"), _gguf_field(reader, "llama.embedding_length")
+    for key in ("llama.attention.key_length", "llama.attention.value_length"):
+        value = _gguf_field(reader, key)
+        if value is not None and heads and int(value) != int(hidden) // int(heads):
+            raise ValueError(f"{path}: {key} {value} is not supported (only embedding_length / head_count = "
+                             f"{int(hidden) // int(heads)})")
+    for key in ("llama.expert_count", "llama.expert_used_count"):
+        if _gguf_field(reader, key) not in (None, 0):
+            raise ValueError(f"{path}: {key} {_gguf_field(reader, key)} is not supported (mixture of experts)")
+
+
 def _gguf_rope_scaling(reader, freq_factors, head_dim, path):
     """The RopeScaling of a llama GGUF: `llama.rope.scaling.type` none or linear (with its factor),
     and llama.cpp's `rope_freqs` tensor (Llama 3.x's frequency scaling stored as divisors). Other
@@ -400,9 +433,12 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"source: GGUF architecture {arch!r} is not supported (llama)")
+    _check_gguf_keys(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    used = set()
 
     def get(name, optional=False, keep=False):
+        used.add(name)
         t = tensors.get(name)
         if t is None:
             if optional:
@@ -457,4 +493,9 @@ def _load_gguf(path: Path, dtype, keep_quantized):
             "up": get(p + "ffn_up.weight", keep=True),
             "down": get(p + "ffn_down.weight", keep=True),
         })
-    return Llama(config, embed, layers, get("output_norm.weight"), output, _gguf_tokenizer(reader))
+    final_norm = get("output_norm.weight")
+    unused = sorted(set(tensors) - used)
+    if unused:  # a bias, an expert, ...: a weight the llama forward would silently leave out
+        raise ValueError(f"{path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
+                         "(a llama GGUF without them)")
+    return Llama(config, embed, layers, final_norm, output, _gguf_tokenizer(reader))
