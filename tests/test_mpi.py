@@ -214,3 +214,45 @@ def test_bad_data_file_under_mpi_is_reported_once(tiny, tmp_path):
     out = _run(_train_args(folder, tmp_path / "missing.jsonl", tmp_path / "run"), ranks=2)
     assert out.returncode == 2
     assert out.stderr.count("2 of 2 ranks failed") == 1 and "missing.jsonl" in out.stderr
+
+
+STALL = """
+import sys, time
+import numpy as np
+from softprompt.distributed import world
+w = world()
+what = sys.argv[1]
+if w.rank == (0 if what == "bcast" else 1):  # bcast's root may finish alone: stall the root there
+    time.sleep(60)  # a rank that never arrives in time
+if what == "bcast":
+    w.bcast({"step": 3})
+else:
+    w.agree(OSError("bad file") if w.rank == 0 else None)
+"""
+
+
+@needs_mpi
+@pytest.mark.parametrize("what", ["bcast", "agree"])
+def test_a_stalled_rank_ends_every_collective_with_a_message(what):
+    """bcast and agree (whose gather of the failures is two sums) keep the deadline too."""
+    out = _run(["-c", STALL, what], ranks=2, env_extra={"SOFTPROMPT_MPI_TIMEOUT": "3"})
+    assert out.returncode != 0
+    waiting = "rank 1: bcast" if what == "bcast" else "rank 0: allreduce"
+    assert f"{waiting} got no answer from the other ranks in 3 s" in out.stderr, out.stderr[-2000:]
+
+
+GATHER = """
+import os
+from softprompt.distributed import world
+w = world()
+got = w.gather_text(None if w.rank == 0 else f"rank {w.rank} says \\u00e9")
+obj = w.bcast({"a": [1, 2]} if w.rank == 0 else None)
+os.write(1, f"GOT {got} OBJ {obj}\\n".encode())  # one write per rank: lines never interleave
+"""
+
+
+@needs_mpi
+def test_gather_text_and_bcast_carry_the_values():
+    out = _run(["-c", GATHER], ranks=2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("GOT [None, 'rank 1 says \u00e9'] OBJ {'a': [1, 2]}") == 2, out.stdout

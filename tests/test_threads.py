@@ -76,3 +76,32 @@ def test_concurrent_calls_from_python_threads(rng):
         got = list(pool.map(lambda p: ops.prefix_attention_forward(*p[:5], key_padding_mask=p[5])[0], problems * 3))
     for i, g in enumerate(got):
         np.testing.assert_array_equal(g, want[i % 4])
+
+
+def test_the_backend_switch_is_per_thread(rng):
+    """Two threads at once, one inside use_backend("numpy"), the other on the default: each gets its
+    own backend's bits (float32, where the two round differently)."""
+    import threading
+
+    q, k, v, pk, pv, _ = make_problem(rng, 2, 70, 70, 4, 2, 16, 3, dtype=np.float32)
+    want = {b: ops.prefix_attention_forward(q, k, v, pk, pv, causal=True, backend=b)[0] for b in ("cpp", "numpy")}
+    assert not np.array_equal(want["cpp"], want["numpy"])  # so that a mix-up shows
+    barrier, got, seen = threading.Barrier(2), {}, {}
+
+    def worker(name):
+        ctx = ops.use_backend("numpy") if name == "numpy" else ops.use_backend(ops.get_backend())
+        with ctx:
+            barrier.wait()  # both threads are inside their setting now
+            for _ in range(5):
+                got[name] = ops.prefix_attention_forward(q, k, v, pk, pv, causal=True)[0]
+                seen[name] = ops.get_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("cpp", "numpy")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == {"cpp": "cpp", "numpy": "numpy"} and ops.get_backend() == "cpp"
+    for name in ("cpp", "numpy"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

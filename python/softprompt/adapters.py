@@ -57,6 +57,8 @@ class _Adapter:
     base_model_name_or_path: str = ""
     task_type: str = "CAUSAL_LM"
     head = None  # a losses.ClassificationHead trained with the adapter (BERT), saved beside it
+    init: str | None = None  # how it was initialized (for_model's init), recorded in adapter_config.json
+    init_text: str | None = None  # the text of a "text" init
 
     def parameters(self):
         """The trainable arrays, by name (what an optimizer updates in place): the adapter's own,
@@ -107,10 +109,14 @@ class _Adapter:
             weights.update({f"base_model.{k}": v for k, v in head.items()})
             config["modules_to_save"] = ["classifier", "score"]
             config["task_type"] = "SEQ_CLS"
-        elif head is not None:
-            _atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp))
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))
         text = json.dumps(config, indent=2, sort_keys=True)
+        # The files are written one by one, each atomically, the config last; the weights (and the
+        # head) carry the config's hash, so a reader never takes a config with other weights: a
+        # save cut between two writes is detected on load (from_pretrained).
+        meta = {"adapter_config_sha256": _sha256(text)}
+        if head is not None and self.kind != "prompt":
+            _atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp, metadata=meta))
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata=meta))
         _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
     @staticmethod
@@ -121,13 +127,15 @@ class _Adapter:
         for f in (cfg_file, weights_file):
             if not f.exists():
                 raise FileNotFoundError(f"directory: {str(directory)!r} has no {f.name}")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
+        cfg, text = read_adapter_config(cfg_file)
         from .models.loading import read_safetensors
 
         tensors = read_safetensors(weights_file)
+        for f in (weights_file, directory / HEAD_NAME):
+            written_with = _metadata(f).get("adapter_config_sha256") if f.exists() else None
+            if written_with is not None and written_with != _sha256(text):
+                raise ValueError(f"{directory}: {f.name} was written with another {CONFIG_NAME} (a save was cut "
+                                 "short between the files); save the adapter again")
         if "prompt_embeddings" not in tensors:
             raise ValueError(f"{weights_file}: missing key 'prompt_embeddings' (found {sorted(tensors)})")
         matrix = np.asarray(tensors["prompt_embeddings"], dtype=np.float32)
@@ -151,6 +159,9 @@ class _Adapter:
             raise ValueError(f"{cfg_file}: peft_type {peft_type!r} is not PROMPT_TUNING or PREFIX_TUNING")
         adapter.base_model_name_or_path = cfg.get("base_model_name_or_path") or ""
         adapter.task_type = cfg.get("task_type") or "CAUSAL_LM"
+        peft_init = {v: k for k, v in PromptTuning._PEFT_INIT.items()}.get(cfg.get("prompt_tuning_init"))
+        adapter.init = cfg.get("softprompt_init") or peft_init
+        adapter.init_text = cfg.get("softprompt_init_text") or cfg.get("prompt_tuning_init_text")
         head = None
         if "base_model.classifier.weight" in tensors:
             head = {k[len("base_model."):]: v for k, v in tensors.items() if k.startswith("base_model.classifier.")}
@@ -212,6 +223,7 @@ class PromptTuning(_Adapter):
         adapter = cls(prompt)
         adapter.base_model_name_or_path = model.config.name_or_path
         adapter.task_type = _task_type(model)
+        adapter.init, adapter.init_text = init, init_text if init == "text" else None
         return adapter
 
     def own_parameters(self):
@@ -248,7 +260,22 @@ class PromptTuning(_Adapter):
             "base_model_name_or_path": self.base_model_name_or_path,
             "revision": None,
             "modules_to_save": None,
+            **self._init_fields(),
         }
+
+    # PEFT's names for the inits it has; a text init also needs the text and a tokenizer name
+    # (PEFT's config refuses TEXT without them, and reads the tokenizer only to initialize, never
+    # in inference mode, which these files are written in).
+    _PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+    def _init_fields(self):
+        if self.init in self._PEFT_INIT:
+            fields = {"prompt_tuning_init": self._PEFT_INIT[self.init]}
+            if self.init == "text":
+                fields.update(prompt_tuning_init_text=self.init_text,
+                              tokenizer_name_or_path=self.base_model_name_or_path or "unknown")
+            return fields
+        return {"softprompt_init": self.init} if self.init else {}
 
 
 class PrefixTuning(_Adapter):
@@ -287,6 +314,7 @@ class PrefixTuning(_Adapter):
         adapter = cls(prefix)
         adapter.base_model_name_or_path = c.name_or_path
         adapter.task_type = _task_type(model)
+        adapter.init, adapter.init_text = init, init_text if init == "text" else None
         return adapter
 
     def own_parameters(self):
@@ -325,7 +353,13 @@ class PrefixTuning(_Adapter):
             "base_model_name_or_path": self.base_model_name_or_path,
             "revision": None,
             "modules_to_save": None,
+            **self._init_fields(),
         }
+
+    def _init_fields(self):  # PEFT has no init setting for prefix tuning: softprompt's own keys
+        if not self.init:
+            return {}
+        return {"softprompt_init": self.init, **({"softprompt_init_text": self.init_text} if self.init_text else {})}
 
 
 class PrefixProjection(PrefixTuning):
@@ -379,10 +413,40 @@ class PrefixProjection(PrefixTuning):
     def merged(self):
         out = PrefixTuning(self.prefix_matrix())
         out.base_model_name_or_path, out.task_type, out.head = self.base_model_name_or_path, self.task_type, self.head
+        out.init, out.init_text = self.init, self.init_text
         return out
 
     def save_pretrained(self, directory):
         self.merged().save_pretrained(directory)
+
+
+def read_adapter_config(path):
+    """(dict, text) of an adapter_config.json; a ValueError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg, text
+
+
+def _sha256(text):
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _metadata(file):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="np") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}  # read_safetensors names the file when it reads the tensors
 
 
 def _text_ids(model, text, P):

@@ -18,12 +18,14 @@ from pathlib import Path
 import softprompt  # sets the BLAS thread timeout before NumPy loads
 
 from . import data as data_mod
+from .adapters import read_adapter_config
 from .distributed import DistributedError, launched_rank, world
 from .train import DEFAULT_INIT_TEXT, DEFAULT_LR, Task, TrainConfig, train
 
 
 def _train_parser(sub):
-    p = sub.add_parser("train", help="tune a prompt or prefix (default: SmolLM2 on Rotten Tomatoes sentiment)")
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="tune a prompt or prefix (default: SmolLM2 on Rotten Tomatoes sentiment)")
     p.add_argument("--method", choices=["prompt", "prefix"], default="prompt")
     p.add_argument("--num-virtual-tokens", type=int, default=20)
     p.add_argument("--init", choices=["random", "vocab", "text", "labels", "zero"], default=None,
@@ -49,7 +51,9 @@ def _train_parser(sub):
     p.add_argument("--patience", type=int, default=0, help="early stopping after N evaluations without gain")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--output", default="softprompt-output")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR with its settings; --max-steps/--epochs extend (or shorten) it, "
+                        "--threads and --no-progress may change, any other flag must match the run's")
     p.add_argument("--model", default=None, help="a Hugging Face folder or a .gguf file (default SmolLM2)")
     p.add_argument("--data", default=None, help="your JSONL/CSV file (text+label or source+target)")
     p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
@@ -69,7 +73,7 @@ def _cmd_train(args):
         progress=not args.no_progress,
     )
     comm = world()
-    if args.resume:  # the run's own settings, with only the output directory from the command line
+    if args.resume:  # the saved run's settings; see _resumed_config for the flags that may change
         saved = None
         if comm.rank == 0:  # rank 0's files; a failure to read them is every rank's
             try:
@@ -80,7 +84,7 @@ def _cmd_train(args):
         if isinstance(saved, Exception):
             raise saved
         if saved:
-            cfg = TrainConfig(**{**saved, "resume": args.resume, "progress": cfg.progress})
+            cfg = _resumed_config(cfg, saved, args)
     cfg.resolved()  # a bad setting stops every rank alike, before any collective
     if comm.size == 1:
         train(cfg, comm=comm)
@@ -97,6 +101,37 @@ def _cmd_train(args):
     return 0
 
 
+# What `--resume DIR` may change: how long the run goes on (--max-steps or --epochs: extend, or
+# shorten if the run has not passed it) and how it runs here (--threads, --no-progress). Any other
+# flag given must equal the saved run's setting, or the resume stops with an error naming it.
+RESUME_MAY_CHANGE = {"max_steps", "epochs", "threads", "progress", "resume"}
+
+
+def _resumed_config(cfg, saved, args):
+    """The saved run's TrainConfig with the flags the command line gave and may change."""
+    explicit = args.explicit
+    conflicts = []
+    for name in sorted(explicit - RESUME_MAY_CHANGE):
+        value, was = getattr(cfg, name), saved.get(name)
+        if value != was:
+            conflicts.append(f"--{name.replace('_', '-')} {value!r} (the run has {was!r})")
+    if conflicts:
+        raise ValueError(f"resume: {', '.join(conflicts)} conflict with {Path(args.resume) / 'run_config.json'}; "
+                         "a resumed run may change only --max-steps / --epochs, --threads and --no-progress")
+    changes = {"resume": args.resume, "progress": cfg.progress}
+    if "max_steps" in explicit or "epochs" in explicit:
+        changes["max_steps"], changes["epochs"] = cfg.max_steps, cfg.epochs if "epochs" in explicit else None
+    if "threads" in explicit:
+        changes["threads"] = cfg.threads
+    return TrainConfig(**{**saved, **changes})
+
+
+def _explicit_flags(argv):
+    """The TrainConfig fields the command line gave (--no-progress counts as progress)."""
+    names = {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+    return {"progress" if n == "no_progress" else n for n in names}
+
+
 def _saved_config(run: Path):
     f = run / "run_config.json"
     return json.loads(f.read_text()) if f.exists() else None
@@ -105,9 +140,12 @@ def _saved_config(run: Path):
 def _load_run(adapter_dir, model_arg):
     adapter_dir = Path(adapter_dir)
     info_file = adapter_dir / "softprompt.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info = read_adapter_config(info_file)[0] if info_file.exists() else {}
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"adapter: {str(adapter_dir)!r} has no adapter_config.json")
     model = softprompt.load_model(model_arg or info.get("model"))
-    adapter_cls = softprompt.PrefixTuning if json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+    adapter_cls = softprompt.PrefixTuning if read_adapter_config(config_file)[0].get(
         "peft_type") == "PREFIX_TUNING" else softprompt.PromptTuning
     adapter = adapter_cls.from_pretrained(adapter_dir, model)
     return model, adapter, info
@@ -117,7 +155,7 @@ def _cmd_eval(args):
     model, adapter, info = _load_run(args.adapter, args.model)
     labels = info.get("labels") or (args.labels.split(",") if args.labels else None)
     dataset = data_mod.load_file(args.data, labels) if args.data else data_mod.rotten_tomatoes()
-    task = Task(model, dataset, info.get("template", data_mod.TEMPLATE))
+    task = Task(model, dataset, info.get("template", data_mod.TEMPLATE), adapter.num_virtual_tokens)
     split = {"test": task.test, "validation": task.validation, "train": task.train}[args.split]
     value = task.evaluate(adapter, split, limit=args.max_eval)
     name = "accuracy" if task.kind == "classification" else "loss"
@@ -130,7 +168,8 @@ def _cmd_generate(args):
     if info.get("kind") == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset("classification", [], [], [], labels=tuple(labels))
-        print(Task(model, dataset, info.get("template", data_mod.TEMPLATE)).predict(adapter, args.text))
+        task = Task(model, dataset, info.get("template", data_mod.TEMPLATE), adapter.num_virtual_tokens)
+        print(task.predict(adapter, args.text))
         return 0
     ids = model.tokenizer.encode(args.text, add_special_tokens=False).ids
     eos = model.config.eos_token_id
@@ -160,7 +199,7 @@ def _cmd_info(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__,
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -182,10 +221,12 @@ def main(argv=None):
     p = sub.add_parser("info", help="model and adapter parameter counts")
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.explicit = _explicit_flags(argv)
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "info": _cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, DistributedError) as exc:
+    except (ValueError, OSError, KeyError, DistributedError) as exc:
         if launched_rank() == 0:  # under MPI every rank has the error: rank 0 reports it
             print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2

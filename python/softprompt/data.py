@@ -89,7 +89,10 @@ def rotten_tomatoes():
 
 def _records(path: Path):
     """(line number, dict) for each record of a JSONL or CSV file."""
-    text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of the first header
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     if path.suffix.lower() in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -8,7 +8,8 @@ otherwise `SingleProcess`, and nothing MPI-related is imported. Only these opera
   gradient, the loss and the counts packed into one buffer; prompt tuning's shared prompt rows add
   1 + num_layers small ones per micro-batch inside the model's backward). It waits with a deadline: when a rank
   died or hangs, the ranks still waiting print a message and abort the job, never a silent hang.
-- `bcast(obj)`: rank 0's Python object to every rank (a resumed checkpoint's state).
+- `bcast(obj)`: rank 0's Python object to every rank (a resumed checkpoint's state), with the same
+  deadline as allreduce_sum, as every collective here.
 - `agree(error)`: every rank's setup outcome; if any rank failed (a data file it cannot read, a
   model it cannot load), every rank raises with all the failures listed.
 - `abort(code)`: ends every rank's process.
@@ -41,6 +42,9 @@ class SingleProcess:
     def bcast(self, obj):
         return obj
 
+    def gather_text(self, text):
+        return [text]
+
     def agree(self, error=None):
         if error is not None:
             raise error
@@ -71,6 +75,7 @@ class MPIWorld:
                 sys.stderr.write(f"softprompt: rank {self.rank}: {what} got no answer from the other ranks in "
                                  f"{self.timeout:.0f} s (a rank died or hangs); ending the job\n")
                 sys.stderr.flush()
+                time.sleep(1.0)  # the launcher forwards output asynchronously: let it pass before the abort
                 self.abort(1)
             time.sleep(pause)
             pause = min(pause * 2, 2e-4)
@@ -82,14 +87,37 @@ class MPIWorld:
         return out
 
     def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
+        """Rank 0's (picklable) object on every rank: its length, then its bytes, each a non-blocking
+        broadcast polled against the deadline."""
+        import pickle
+
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == 0 else None
+        size = np.array([0 if data is None else data.size], dtype=np.int64)
+        self._wait(self.comm.Ibcast(size, root=0), "bcast")
+        buf = data.copy() if self.rank == 0 else np.empty(int(size[0]), dtype=np.uint8)
+        self._wait(self.comm.Ibcast(buf, root=0), "bcast")
+        return obj if self.rank == 0 else pickle.loads(buf.tobytes())
+
+    def gather_text(self, text):
+        """Every rank's string (or None) on every rank, through two sums with the deadline: the
+        lengths (each rank its slot), then the bytes (each rank its segment, zeros elsewhere)."""
+        mine = b"" if text is None else text.encode()
+        lengths = np.zeros(self.size)
+        lengths[self.rank] = len(mine) + (text is not None)  # 0: None; 1 + n: n bytes
+        lengths = self.allreduce_sum(lengths).astype(np.int64)
+        sizes = np.maximum(lengths - 1, 0)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        buf = np.zeros(int(starts[-1]))
+        buf[starts[self.rank]:starts[self.rank] + len(mine)] = np.frombuffer(mine, dtype=np.uint8)
+        buf = self.allreduce_sum(buf).astype(np.uint8)
+        return [None if lengths[r] == 0 else buf[starts[r]:starts[r + 1]].tobytes().decode() for r in range(self.size)]
 
     def agree(self, error=None):
         """Raises on every rank if any rank had an error (each rank passes its own or None)."""
         flags = self.allreduce_sum(np.array([0.0 if error is None else 1.0]))
         if flags[0] == 0:
             return
-        messages = self.comm.gather(None if error is None else f"{type(error).__name__}: {error}", root=0)
+        messages = self.gather_text(None if error is None else f"{type(error).__name__}: {error}")
         if self.rank == 0:
             failed = "\n".join(f"  rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
             raise DistributedError(f"{int(flags[0])} of {self.size} ranks failed:\n{failed}")

@@ -3,7 +3,7 @@
 Public ops: prefix attention and the prompt prepend, forward and backward. Each validates its
 input once, here, then runs on the C++ core (``backend="cpp"``, the default) or on its NumPy twin
 in ``softprompt.reference`` (``backend="numpy"``), so the two can be compared anywhere. The
-default backend is a module setting: ``set_backend`` / ``get_backend`` / ``use_backend``.
+default backend is a per-thread setting: ``set_backend`` / ``get_backend`` / ``use_backend``.
 
 The frozen model's kernels (RMSNorm, SwiGLU, RoPE, the fused softmax cross-entropy, the linear
 layers' GEMM and GGUF dequantization) go through the same switch; their callers in
@@ -28,6 +28,7 @@ argument and the expected vs actual shape or dtype.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import operator
@@ -65,28 +66,30 @@ __all__ = [
 ]
 
 BACKENDS = ("cpp", "numpy")
-_backend = "cpp"
+# Per thread (and per asyncio task): a context variable, so one thread's use_backend("numpy")
+# never changes the kernels another thread runs. A new thread starts on "cpp".
+_backend = contextvars.ContextVar("softprompt_backend", default="cpp")
 
 
 def set_backend(name: str) -> None:
-    """Choose where ops run by default: "cpp" (the compiled core) or "numpy" (the reference)."""
-    global _backend
-    _backend = _check_backend(name)
+    """Choose where ops run by default in this thread: "cpp" (the compiled core) or "numpy" (the
+    reference)."""
+    _backend.set(_check_backend(name))
 
 
 def get_backend() -> str:
-    return _backend
+    """This thread's default backend."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """``with use_backend("numpy"): ...`` runs the ops inside on that backend."""
-    previous = get_backend()
-    set_backend(name)
+    """``with use_backend("numpy"): ...`` runs the ops inside on that backend (in this thread)."""
+    token = _backend.set(_check_backend(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend.reset(token)
 
 
 def _check_backend(name):
@@ -205,7 +208,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_p
     """
     q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
     window = _check_window(window, causal)
-    if _check_backend(backend or _backend) == "numpy":
+    if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, scale=scale,
                                                   window=window or None)
     return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale, window)
@@ -228,7 +231,7 @@ def prefix_attention_backward(
     _expect_shape("dout", dout, [("B", B), ("T", T), ("H", H), ("D", D)])
     _expect_shape("out", out, [("B", B), ("T", T), ("H", H), ("D", D)])
     _expect_shape("lse", lse, [("B", B), ("H", H), ("T", T)])
-    if _check_backend(backend or _backend) == "numpy":
+    if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prefix_attention_backward(
             dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale, window=window or None
         )
@@ -250,7 +253,7 @@ def prepend_forward(prompt, x, *, backend=None):
         _expect_shape("prompt", prompt, [("B", B), ("P", None), ("D", D)])
     else:
         _expect_shape("prompt", prompt, [("P", None), ("D", D)])
-    if _check_backend(backend or _backend) == "numpy":
+    if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prepend_forward(prompt, x)
     return _core.prepend_forward(prompt, x)
 
@@ -270,7 +273,7 @@ def prepend_backward(dy, prompt_length, *, shared=True, backend=None):
     if not 0 <= P < dy.shape[1]:
         raise ValueError(f"prompt_length: expected 0 <= prompt_length < {dy.shape[1]} (dy's sequence length), got {P}")
     shared = _check_flag("shared", shared)
-    if _check_backend(backend or _backend) == "numpy":
+    if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prepend_backward(dy, P, shared=shared)
     return _core.prepend_backward(dy, P, shared)
 
@@ -279,7 +282,7 @@ def prepend_backward(dy, prompt_length, *, shared=True, backend=None):
 # Shapes are the callers' (models/layers.py, losses.py); the C++ versions are cpp/layers.cpp,
 # cpp/linear.cpp and cpp/quant.cpp, their twins are in reference.py.
 def _on_core():
-    return _backend == "cpp"
+    return _backend.get() == "cpp"
 
 
 def rmsnorm_forward(x, weight, eps):

@@ -136,6 +136,7 @@ def make_adapter(model, cfg, label_ids=None, num_labels=None):
         base = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed).prefix
         adapter = PrefixProjection(base, cfg.encoder_hidden_size, seed=cfg.seed)
         adapter.base_model_name_or_path = model.config.name_or_path
+        adapter.init, adapter.init_text = cfg.init, cfg.init_text if cfg.init == "text" else None
         adapter.task_type = _task_type(model)
     else:
         adapter = PrefixTuning.for_model(model, P, init=cfg.init, init_text=cfg.init_text, seed=cfg.seed)
@@ -153,8 +154,16 @@ class Task:
     is the adapter's .head, see make_adapter), and the input gets the tokenizer's special tokens
     ([CLS] first, which the pooler reads), as PEFT's users tokenize for BertForSequenceClassification."""
 
-    def __init__(self, model, dataset, template=data_mod.TEMPLATE):
+    def __init__(self, model, dataset, template=data_mod.TEMPLATE, num_virtual_tokens=0):
         self.model, self.dataset, self.template = model, dataset, template
+        # Inputs are cut to 512 tokens, and where positions come from a table (GPT-2, BERT) to what
+        # the table holds after the virtual tokens' positions.
+        limit = model.position_limit
+        max_tokens = 512 if limit is None else min(512, limit - num_virtual_tokens)
+        if max_tokens < 2:
+            raise ValueError(f"num_virtual_tokens: {num_virtual_tokens} leaves {max_tokens} of the model's {limit} "
+                             "positions for the input")
+        self.max_tokens = max_tokens
         tok = model.tokenizer
         if tok is None:
             raise ValueError("model: training needs a tokenizer")
@@ -166,12 +175,12 @@ class Task:
             self.labels = list(dataset.labels)
             self.label_ids = [] if self.uses_head else data_mod.label_word_ids(tok, self.labels)
             special = self.uses_head
-            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template,  # noqa: E731
+            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template, max_tokens,  # noqa: E731
                                                            add_special_tokens=special)
         else:
             self.labels, self.label_ids = [], []
             eos = model.config.eos_token_id
-            enc = lambda e: data_mod.encode_generation(tok, e, eos)  # noqa: E731
+            enc = lambda e: data_mod.encode_generation(tok, e, eos, max_tokens)  # noqa: E731
         self.train = [enc(e) for e in dataset.train]
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
@@ -253,7 +262,8 @@ class Task:
     def predict(self, adapter, text):
         """The label (classification) for one text."""
         e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
-                                           self.labels, self.template, add_special_tokens=self.uses_head)
+                                           self.labels, self.template, self.max_tokens,
+                                           add_special_tokens=self.uses_head)
         logits = self.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), dtype=bool))
         return self.labels[int(logits.argmax())]
 
@@ -301,16 +311,26 @@ def save_checkpoint(path: Path, adapter, opt, state):
 def load_checkpoint(path: Path, adapter, opt, content=None):
     """Restores adapter and optimizer from the checkpoint at path (or from its bytes, content).
     -> the saved training state."""
+    import zipfile
+
     try:
         with np.load(path if content is None else io.BytesIO(content)) as z:
             meta = json.loads(bytes(z["meta"]).decode())
+            arrays = {}
             for k, p in adapter.parameters().items():
-                p[...] = z[f"param/{k}"]
-                opt.m[k][...] = z[f"m/{k}"]
-                opt.v[k][...] = z[f"v/{k}"]
+                for name in (f"param/{k}", f"m/{k}", f"v/{k}"):
+                    arrays[name] = z[name]
+                    if arrays[name].shape != p.shape:  # never broadcast a checkpoint into an adapter
+                        raise ValueError(f"array {name} has shape {arrays[name].shape}, the adapter's is {p.shape}")
             best = {k[5:]: z[k].copy() for k in z.files if k.startswith("best/")} or None
-    except (OSError, KeyError, ValueError) as exc:
+            if not isinstance(meta, dict) or "adam_t" not in meta:
+                raise ValueError("its meta record has no adam_t")
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise ValueError(f"resume: {path} is not a usable checkpoint ({exc})") from None
+    for k, p in adapter.parameters().items():
+        p[...] = arrays[f"param/{k}"]
+        opt.m[k][...] = arrays[f"m/{k}"]
+        opt.v[k][...] = arrays[f"v/{k}"]
     opt.t = meta.pop("adam_t")
     meta["best_params"] = best
     return meta
@@ -387,7 +407,7 @@ def _setup(cfg, model, dataset, log, comm):
         model = model or load_model(cfg.model)
         if dataset is None:
             dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
-        task = Task(model, dataset)
+        task = Task(model, dataset, num_virtual_tokens=cfg.num_virtual_tokens)
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
@@ -423,6 +443,9 @@ def _resume(run):
     if isinstance(content, Exception):
         raise content
     run.state = load_checkpoint(ckpt, run.adapter, run.opt, content)
+    if run.state["step"] > run.total:
+        raise ValueError(f"resume: {run.out} is at step {run.state['step']}, past the run's end at step {run.total} "
+                         "(--max-steps / --epochs can extend a run, or shorten one not yet past it)")
     run.log(f"resuming {run.out} at step {run.state['step']} of {run.total}")
 
 

@@ -209,6 +209,13 @@ class Transformer:
         prefix_attention_forward), or None for full attention."""
         return None
 
+    @property
+    def position_limit(self):
+        """The positions a sequence may use, virtual tokens included (a learned position table's
+        rows: GPT-2, BERT), or None where positions are computed (RoPE)."""
+        table = getattr(self, "wpe", None)
+        return None if table is None else table.shape[0]
+
     def kv_cache_limit(self):
         """The sequence length (positions) up to which keys cached by an earlier forward equal the
         keys a recomputation gives, or None when always (generation recomputes past it)."""

@@ -153,7 +153,10 @@ def _tokenizer_from_folder(folder: Path):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(f))
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:  # tokenizers raises its own Exception type, with a serde message
+        raise ValueError(f"{f}: not a readable tokenizer.json ({exc})") from None
 
 
 def _load_hf_folder(folder: Path, dtype):
@@ -429,7 +432,10 @@ def _load_gguf(path: Path, dtype, keep_quantized):
 
     from .llama import Llama
 
-    reader = gguf.GGUFReader(str(path))
+    try:  # a file cut short or not a GGUF fails inside the reader with a message about arrays
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"source: GGUF architecture {arch!r} is not supported (llama)")
