@@ -157,3 +157,20 @@ def tiny_llama(rng, dtype=np.float32, bias=False):
             w.update(q_bias=r(32), k_bias=r(16), v_bias=r(16))
         layers.append(w)
     return Llama(c, r(50, 32), layers, 1 + r(32))
+
+
+def numeric_sample(f, x, eps=1e-6, n=12, rng=None):
+    """Central differences of f() at n random entries of x -> (indices, values)."""
+    rng = rng or np.random.default_rng(0)
+    flat = x.reshape(-1)
+    idx = rng.choice(flat.size, size=min(n, flat.size), replace=False)
+    out = []
+    for i in idx:
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        out.append((up - down) / (2 * eps))
+    return idx, np.array(out)

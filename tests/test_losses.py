@@ -4,25 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_llama
+from conftest import numeric_sample, tiny_llama
 from softprompt import losses
-
-
-def _numeric(f, x, eps=1e-6, n=12, rng=None):
-    """Central differences of f() at n random entries of x -> (indices, values)."""
-    rng = rng or np.random.default_rng(0)
-    flat = x.reshape(-1)
-    idx = rng.choice(flat.size, size=min(n, flat.size), replace=False)
-    out = []
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        out.append((up - down) / (2 * eps))
-    return idx, np.array(out)
 
 
 def test_lm_and_label_word_losses_match_finite_differences(rng):
@@ -34,12 +17,12 @@ def test_lm_and_label_word_losses_match_finite_differences(rng):
     logits = hidden @ model.output_embeddings().T
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     assert loss == pytest.approx(-logp[mask, targets[mask]].mean(), rel=1e-10)
-    idx, numeric = _numeric(lambda: losses.lm_loss(model, hidden, targets, mask)[0], hidden, rng=rng)
+    idx, numeric = numeric_sample(lambda: losses.lm_loss(model, hidden, targets, mask)[0], hidden, rng=rng)
     np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
     pos, labels_ids, labels = np.array([4, 1]), np.array([5, 9]), np.array([1, 0])
     loss, d, lg = losses.label_word_loss(model, hidden, pos, labels_ids, labels)
     np.testing.assert_allclose(lg, logits[[0, 1], pos][:, labels_ids], rtol=1e-10)
-    idx, numeric = _numeric(lambda: losses.label_word_loss(model, hidden, pos, labels_ids, labels)[0], hidden, rng=rng)
+    idx, numeric = numeric_sample(lambda: losses.label_word_loss(model, hidden, pos, labels_ids, labels)[0], hidden, rng=rng)
     np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
 
 

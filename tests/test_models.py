@@ -10,8 +10,8 @@ import warnings
 
 import numpy as np
 import pytest
-
 import softprompt
+from conftest import numeric_sample
 from softprompt import PrefixTuning, PromptTuning
 from softprompt.models import load_model
 
@@ -203,23 +203,6 @@ def test_peft_written_adapters_load_here(hf_models, rng, tmp_path):
 
 
 # --------------------------------------------------------------------------- finite differences
-def _numeric(f, x, eps=1e-6, n=12, rng=None):
-    """Central differences of f() at n random entries of x -> (indices, values)."""
-    rng = rng or np.random.default_rng(0)
-    flat = x.reshape(-1)
-    idx = rng.choice(flat.size, size=min(n, flat.size), replace=False)
-    out = []
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        out.append((up - down) / (2 * eps))
-    return idx, np.array(out)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
@@ -237,7 +220,7 @@ def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
     hidden, cache = model.forward(ids, mask, adapter=adapter_64, keep_cache=True)
     grads = model.backward(w, cache)
     x = adapter_64.parameters()[kind]
-    idx, numeric = _numeric(loss, x, rng=rng)
+    idx, numeric = numeric_sample(loss, x, rng=rng)
     np.testing.assert_allclose(grads[kind].reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-7)
     # and the input embeddings
     emb = model.embed[ids]
@@ -245,7 +228,7 @@ def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
     def loss_emb():
         return float(np.sum(w * model.forward(None, mask, adapter=adapter_64, inputs_embeds=emb)))
 
-    idx, numeric = _numeric(loss_emb, emb, rng=rng)
+    idx, numeric = numeric_sample(loss_emb, emb, rng=rng)
     np.testing.assert_allclose(grads["inputs_embeds"].reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-7)
 
 
