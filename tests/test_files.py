@@ -195,3 +195,69 @@ def test_truncation_keeps_room_for_the_virtual_tokens(tmp_path):
 
         task = Task(softprompt.load_model(tmp_path / "bert"), data_mod.load_file(tmp_path / "d.jsonl"), num_virtual_tokens=20)
         assert max(len(e.ids) for e in task.train) <= 44
+
+
+def test_a_head_file_from_an_earlier_save_is_not_taken(tiny, tmp_path):
+    from softprompt.losses import ClassificationHead
+
+    _, model, _, _ = tiny
+    with_head = softprompt.PrefixTuning.for_model(model, 3, init="random", seed=1)
+    with_head.head = ClassificationHead(64, 2)
+    with_head.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "classification_head.safetensors").exists()
+    softprompt.PrefixTuning.for_model(model, 3, init="random", seed=5).save_pretrained(tmp_path / "a")
+    assert softprompt.PrefixTuning.from_pretrained(tmp_path / "a", model).head is None
+    # a head bound to other weights (a save cut after the head, before the weights) is refused
+    with_head.save_pretrained(tmp_path / "b")
+    other = softprompt.PrefixTuning.for_model(model, 3, init="random", seed=5)
+    other.head = with_head.head
+    head_file = (tmp_path / "b" / "classification_head.safetensors").read_bytes()
+    other.save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "classification_head.safetensors").write_bytes(head_file)
+    with pytest.raises(ValueError, match="classification_head.safetensors was written with another"):
+        softprompt.PrefixTuning.from_pretrained(tmp_path / "b", model)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_attention_heads", None, "num_attention_heads must be a positive integer"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer"),
+    ("token_dim", "x", "token_dim must be a positive integer"),
+    ("num_virtual_tokens", None, "num_virtual_tokens must be a positive integer"),
+])
+def test_bad_adapter_config_fields_are_named(field, value, message, tiny, tmp_path):
+    _, model, _, _ = tiny
+    softprompt.PrefixTuning.for_model(model, 3, init="random").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.numpy import load_file, save_file
+
+    save_file(load_file(str(tmp_path / "adapter_model.safetensors")), str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=message):  # (as PEFT writes it: no hash metadata)
+        softprompt.PrefixTuning.from_pretrained(tmp_path, model)
+
+
+@pytest.mark.parametrize("content, message", [("[1]", "expected a JSON object"), ('{"nope": 1}', "unknown settings"),
+                                              ('{"batch_size": "4"}', "do not make a run")])
+def test_a_bad_run_config_is_named(content, message, trained, tmp_path, capsys):
+    _, _, run = trained
+    shutil.copytree(run, tmp_path / "run")
+    (tmp_path / "run" / "run_config.json").write_text(content)
+    code = cli.main(["train", "--resume", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "run_config.json" in err and message in err and "Traceback" not in err, err
+
+
+def test_minilm_style_tokenizer_padding_is_not_taken_as_tokens(tmp_path):
+    """A tokenizer.json with its own padding (MiniLM pads every text to 128) must not pad inputs."""
+    from test_bert import _bert
+
+    _bert(tmp_path / "bert")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "bert" / "tokenizer.json"))
+    tok.enable_padding(length=40, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=40)
+    tok.save(str(tmp_path / "bert" / "tokenizer.json"))
+    model = softprompt.load_model(tmp_path / "bert")
+    assert len(model.tokenizer.encode("good w1").ids) == 4  # [CLS] good w1 [SEP]

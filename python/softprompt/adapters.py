@@ -114,8 +114,11 @@ class _Adapter:
         # head) carry the config's hash, so a reader never takes a config with other weights: a
         # save cut between two writes is detected on load (from_pretrained).
         meta = {"adapter_config_sha256": _sha256(text)}
-        if head is not None and self.kind != "prompt":
-            _atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp, metadata=meta))
+        if head is not None and self.kind != "prompt":  # bound to these weights too (see from_pretrained)
+            head_meta = {**meta, "prompt_embeddings_sha256": _sha256(weights["prompt_embeddings"].tobytes())}
+            _atomic_write(directory / HEAD_NAME, lambda tmp: save_file(head, tmp, metadata=head_meta))
+        else:  # a head file from an earlier save must not be taken for this adapter's
+            (directory / HEAD_NAME).unlink(missing_ok=True)
         _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata=meta))
         _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
@@ -131,22 +134,34 @@ class _Adapter:
         from .models.loading import read_safetensors
 
         tensors = read_safetensors(weights_file)
+        expected = {"adapter_config_sha256": _sha256(text)}
+        if "prompt_embeddings" in tensors:
+            matrix_bytes = np.ascontiguousarray(tensors["prompt_embeddings"], dtype=np.float32).tobytes()
+            expected["prompt_embeddings_sha256"] = _sha256(matrix_bytes)
         for f in (weights_file, directory / HEAD_NAME):
-            written_with = _metadata(f).get("adapter_config_sha256") if f.exists() else None
-            if written_with is not None and written_with != _sha256(text):
-                raise ValueError(f"{directory}: {f.name} was written with another {CONFIG_NAME} (a save was cut "
-                                 "short between the files); save the adapter again")
+            meta = _metadata(f) if f.exists() else {}
+            for key, want in expected.items():
+                if meta.get(key) is not None and meta[key] != want:
+                    raise ValueError(f"{directory}: {f.name} was written with another "
+                                     f"{'adapter_config.json' if key.startswith('adapter') else WEIGHTS_NAME} (a save "
+                                     "was cut short between the files); save the adapter again")
         if "prompt_embeddings" not in tensors:
             raise ValueError(f"{weights_file}: missing key 'prompt_embeddings' (found {sorted(tensors)})")
         matrix = np.asarray(tensors["prompt_embeddings"], dtype=np.float32)
         peft_type = cfg.get("peft_type")
         P = cfg.get("num_virtual_tokens")
+        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+            raise ValueError(f"{cfg_file}: num_virtual_tokens must be a positive integer, got {P!r}")
         if matrix.ndim != 2 or matrix.shape[0] != P:
             raise ValueError(f"{weights_file}: prompt_embeddings has shape {matrix.shape}, expected [{P}, ...] "
                              f"for num_virtual_tokens={P}")
         if peft_type == "PROMPT_TUNING":
             adapter = PromptTuning(matrix.copy())
         elif peft_type == "PREFIX_TUNING":
+            for key in ("num_layers", "num_attention_heads", "token_dim"):
+                value = cfg.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{cfg_file}: {key} must be a positive integer for PREFIX_TUNING, got {value!r}")
             L, heads = cfg["num_layers"], cfg["num_attention_heads"]
             head_dim = cfg["token_dim"] // heads
             if matrix.shape[1] != L * 2 * heads * head_dim:
@@ -170,6 +185,8 @@ class _Adapter:
         if head is not None:
             from .losses import ClassificationHead
 
+            if "classifier.weight" not in head or np.ndim(head["classifier.weight"]) != 2:
+                raise ValueError(f"{directory}: the classification head has no 2-D classifier.weight")
             w = np.asarray(head["classifier.weight"], dtype=np.float32)
             adapter.head = ClassificationHead(w.shape[1], w.shape[0])
             adapter.head.weight[:] = w
@@ -433,10 +450,10 @@ def read_adapter_config(path):
     return cfg, text
 
 
-def _sha256(text):
+def _sha256(data):
     import hashlib
 
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def _metadata(file):

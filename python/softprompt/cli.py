@@ -133,8 +133,22 @@ def _explicit_flags(argv):
 
 
 def _saved_config(run: Path):
+    """The run's run_config.json as a dict of TrainConfig fields (None if there is none); a
+    ValueError naming the file for anything else."""
     f = run / "run_config.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    saved = json.loads(f.read_text())
+    if not isinstance(saved, dict):
+        raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+    unknown = sorted(set(saved) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    try:
+        TrainConfig(**saved).resolved()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"its settings do not make a run ({exc})") from None
+    return saved
 
 
 def _load_run(adapter_dir, model_arg):

@@ -5,7 +5,9 @@ tuning) -> N blocks, each calling `ops.prefix_attention_forward` (prefix tuning:
 prefix) -> final norm -> head; then the same path backwards, ending in the gradient of the prompt or
 prefix. Positions follow PEFT: a prompt takes positions 0..P-1 and the input tokens follow it; with a
 prefix the input tokens start at position P; padding never shifts a real token's position (positions
-count real tokens only), so left- and right-padded batches give each sequence the same result.
+count real tokens only), so left- and right-padded batches give each sequence the same result
+(except under a sliding window, which counts key slots as transformers' does: left padding moves
+the virtual tokens out of a query's window sooner).
 """
 
 from __future__ import annotations

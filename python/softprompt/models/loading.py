@@ -154,9 +154,15 @@ def _tokenizer_from_folder(folder: Path):
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_file(str(f))
     except Exception as exc:  # tokenizers raises its own Exception type, with a serde message
         raise ValueError(f"{f}: not a readable tokenizer.json ({exc})") from None
+    # softprompt pads and truncates batches itself (with an attention mask, leaving room for the
+    # virtual tokens): a file's own padding (MiniLM's pads every text to 128) would make pad tokens
+    # look real.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def _load_hf_folder(folder: Path, dtype):
