@@ -182,3 +182,15 @@ def test_bad_window_settings_are_refused(tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ValueError, match=message):
             load_model(tmp_path / "m")
+
+
+def test_generation_with_a_window_and_an_adapter_does_not_depend_on_the_batch(tmp_path, rng):
+    """Left padding would move the virtual tokens out of the window sooner (the window counts key
+    slots): generate runs padded rows one by one, so each row gets what it gets alone."""
+    for _, folder in _models(tmp_path).values():
+        ours = load_model(folder)
+        for adapter in (PrefixTuning.for_model(ours, 3, init="random", seed=1, std=0.5),
+                        PromptTuning.for_model(ours, 3, init="random", seed=1)):
+            prompt = [list(rng.integers(0, VOCAB, 9)), list(rng.integers(0, VOCAB, 2))]
+            batched = generate(ours, prompt, adapter=adapter, max_new_tokens=8)
+            assert batched == [generate(ours, [p], adapter=adapter, max_new_tokens=8)[0] for p in prompt]

@@ -58,6 +58,15 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature >= 0 and 0 < top_p <= 1 expected, got {temperature}, {top_p}")
     ids, mask = _batch(input_ids)
+    windowed = any(model.attention_window(i) for i in range(model.config.num_layers))
+    if windowed and adapter is not None and not mask.all():
+        # A sliding window counts key slots: left padding would move the virtual tokens out of a
+        # query's window sooner, so padded rows run one by one (a sequence's tokens never depend on
+        # its batch). Sampling draws each row from its own generator, seeded (seed, row).
+        rows = [ids[b][mask[b]] for b in range(ids.shape[0])]
+        return [generate(model, row[None], adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, stop_tokens=stop_tokens, seed=[seed, b], use_cache=use_cache)[0]
+                for b, row in enumerate(rows)]
     limit = model.kv_cache_limit()
     virtual = 0 if adapter is None else adapter.num_virtual_tokens
     if use_cache and limit is not None and virtual + ids.shape[1] + max_new_tokens > limit:
