@@ -171,9 +171,12 @@ def test_cli_commands(tiny, tmp_path, capsys):
     assert cli.main(["train", "--model", str(folder), "--data", str(data_file), "--max-steps", "30", "--lr", "0.1",
                      "--init", "random", "--eval-every", "15", "--output", str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file)]) == 0
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["test_accuracy"] == json.loads((out / "metrics.json").read_text())["test_accuracy"]
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file)]) == 0  # the whole file
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == len(data_file.read_text().splitlines()) and 0.5 < result["data_accuracy"] <= 1
     assert cli.main(["generate", "--adapter", str(out), "w1 good w2"]) == 0
     assert capsys.readouterr().out.strip() in ("positive", "negative")
     assert cli.main(["info", "--model", str(folder), "--adapter", str(out)]) == 0
@@ -202,3 +205,63 @@ def test_trained_adapter_loads_in_peft_with_the_same_predictions(tiny, tmp_path)
             logits = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
     theirs = logits[np.arange(16), mask.sum(1) - 1][:, task.label_ids].argmax(1)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_separate_files_with_other_field_names(tiny, tmp_path, capsys):
+    """--train-file / --validation-file / --test-file (CSV, fields sentence/sentiment) are used as
+    they are: the test metric is the test file's, and eval scores a whole file."""
+    import csv
+
+    folder, model, _, data_file = tiny
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    files = {}
+    for name, part in (("train", rows[:400]), ("validation", rows[400:450]), ("test", rows[450:530])):
+        files[name] = tmp_path / f"{name}.csv"
+        with open(files[name], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sentiment", "sentence"])
+            w.writerows([[r["label"], r["text"]] for r in part])
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(folder), "--train-file", str(files["train"]), "--validation-file",
+            str(files["validation"]), "--test-file", str(files["test"]), "--text-field", "sentence", "--label-field",
+            "sentiment", "--max-steps", "40", "--lr", "0.1", "--init", "random", "--eval-every", "20", "--output",
+            str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    adapter = softprompt.PromptTuning.from_pretrained(out, model)
+    test = data_mod.load_files(files["train"], test=files["test"], fields=data_mod.Fields(text="sentence",
+                                                                                         label="sentiment"))
+    task = softprompt.train.Task(model, test)
+    assert len(task.test) == 80 and task.evaluate(adapter, task.test) == pytest.approx(metrics["test_accuracy"])
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(files["test"])]) == 0  # fields from the run
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"data_accuracy": pytest.approx(metrics["test_accuracy"]), "examples": 80}
+    for bad, message in [(["--data", str(data_file)], "not both"), (["--test-file", str(files["test"])], "need --train-file")]:
+        code = cli.main(["train", "--model", str(folder), "--output", str(tmp_path / "x"), "--no-progress", *bad]
+                        + (["--train-file", str(files["train"])] if "not both" in message else []))
+        assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("save", ["best", "last"])
+def test_the_adapter_written_is_the_best_on_validation(save, tiny, tmp_path, monkeypatch):
+    """Validation scores scripted to peak at step 4 of 12: --save best writes the adapter of step 4,
+    --save last the last one."""
+    _, model, dataset, _ = tiny
+    from softprompt.train import Task
+
+    scores = iter([0.6, 0.9, 0.7])  # validations at steps 2, 4, 6... only the first three matter here
+    real = Task.evaluate
+
+    def scripted(self, adapter, examples, **kw):
+        if examples is self.validation:
+            return next(scores, 0.5)
+        return real(self, adapter, examples, **kw)
+
+    monkeypatch.setattr(Task, "evaluate", scripted)
+    snapshots = {}
+    cfg = _cfg(tmp_path, method="prefix", lr=0.3, max_steps=12, eval_every=2, save=save)
+    train(cfg, model=model, dataset=dataset, log=lambda s: None,
+          on_step=lambda run: snapshots.__setitem__(run.state["step"], run.adapter.prefix.copy()))
+    saved = softprompt.PrefixTuning.from_pretrained(tmp_path / "run").prefix
+    np.testing.assert_array_equal(saved, snapshots[4 if save == "best" else 12])

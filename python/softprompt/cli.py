@@ -55,7 +55,15 @@ def _train_parser(sub):
                    help="continue the run in DIR with its settings; --max-steps/--epochs extend (or shorten) it, "
                         "--threads and --no-progress may change, any other flag must match the run's")
     p.add_argument("--model", default=None, help="a Hugging Face folder or a .gguf file (default SmolLM2)")
-    p.add_argument("--data", default=None, help="your JSONL/CSV file (text+label or source+target)")
+    p.add_argument("--data", default=None, help="your JSONL/CSV file (text+label or source+target), cut into "
+                                                "test/validation/train by a fixed rule")
+    p.add_argument("--train-file", default=None, help="or separate files, used as they are: training...")
+    p.add_argument("--validation-file", default=None, help="...validation (optional: no validation, last adapter)")
+    p.add_argument("--test-file", default=None, help="...and test (optional)")
+    for name in ("text", "label", "source", "target"):
+        p.add_argument(f"--{name}-field", default=name, help=f"the records' {name} field (default {name!r})")
+    p.add_argument("--save", choices=["best", "last"], default="best",
+                   help="the adapter written: the best on validation (default) or the last")
     p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate at most N examples per split")
     p.add_argument("--no-progress", action="store_true")
@@ -70,7 +78,9 @@ def _cmd_train(args):
         threads=args.threads, eval_every=args.eval_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, output=args.output, resume=args.resume, model=args.model,
         data=args.data, labels=args.labels.split(",") if args.labels else None, max_eval=args.max_eval,
-        progress=not args.no_progress,
+        progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
+        test_file=args.test_file, text_field=args.text_field, label_field=args.label_field,
+        source_field=args.source_field, target_field=args.target_field, save=args.save,
     )
     comm = world()
     if args.resume:  # the saved run's settings; see _resumed_config for the flags that may change
@@ -168,12 +178,21 @@ def _load_run(adapter_dir, model_arg):
 def _cmd_eval(args):
     model, adapter, info = _load_run(args.adapter, args.model)
     labels = info.get("labels") or (args.labels.split(",") if args.labels else None)
-    dataset = data_mod.load_file(args.data, labels) if args.data else data_mod.rotten_tomatoes()
+    fields = data_mod.Fields(**info.get("fields", {}))
+    if args.data and args.split is None:  # the whole file, every row as it is
+        kind, examples = data_mod.read_examples(args.data, fields)
+        if kind == "classification":
+            labels = data_mod.class_labels({e.label for e in examples}, labels, repr(args.data))
+        dataset, split_name = data_mod.Dataset(kind, [], [], examples, labels=tuple(labels or ())), "data"
+    else:  # a split of --data's fixed cut, or of the default data
+        dataset = data_mod.load_file(args.data, labels, fields) if args.data else data_mod.rotten_tomatoes()
+        split_name = args.split or "test"
     task = Task(model, dataset, info.get("template", data_mod.TEMPLATE), adapter.num_virtual_tokens)
-    split = {"test": task.test, "validation": task.validation, "train": task.train}[args.split]
+    split = task.test if split_name == "data" else {"test": task.test, "validation": task.validation,
+                                                     "train": task.train}[split_name]
     value = task.evaluate(adapter, split, limit=args.max_eval)
     name = "accuracy" if task.kind == "classification" else "loss"
-    print(json.dumps({f"{args.split}_{name}": value, "examples": min(len(split), args.max_eval or len(split))}))
+    print(json.dumps({f"{split_name}_{name}": value, "examples": min(len(split), args.max_eval or len(split))}))
     return 0
 
 
@@ -221,7 +240,9 @@ def main(argv=None):
     p.add_argument("--adapter", required=True)
     p.add_argument("--data", default=None)
     p.add_argument("--labels", default=None)
-    p.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    p.add_argument("--split", choices=["test", "validation", "train"], default=None,
+                   help="a split of --data's fixed cut (or of the default data; default test); without it "
+                        "--data FILE is scored whole")
     p.add_argument("--model", default=None)
     p.add_argument("--max-eval", type=int, default=None)
     p = sub.add_parser("generate", help="generate text (classification adapters print the label)")

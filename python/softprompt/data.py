@@ -112,46 +112,89 @@ def _records(path: Path):
         raise ValueError(f"data: expected a .jsonl or .csv file, got {str(path)!r}")
 
 
-def load_file(path, labels=None):
-    """Examples from a JSONL or CSV file with `text`+`label` or `source`+`target` fields, split with
-    the same fixed rule as the default data. labels: the label names in class order (default: the
-    sorted labels found in the file)."""
+@dataclass(frozen=True)
+class Fields:
+    """The column (or JSON key) names of a data file's records."""
+
+    text: str = "text"
+    label: str = "label"
+    source: str = "source"
+    target: str = "target"
+
+
+def read_examples(path, fields=Fields()):
+    """(kind, examples) of a JSONL or CSV file whose records have the text+label or source+target
+    fields (named by `fields`). A bad file gets a ValueError naming the file, the line and the
+    field."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data: {str(path)!r} does not exist")
     examples, kind = [], None
     for n, rec in _records(path):
-        has_cls, has_gen = "text" in rec or "label" in rec, "source" in rec or "target" in rec
+        has_cls = fields.text in rec or fields.label in rec
+        has_gen = fields.source in rec or fields.target in rec
         this = "classification" if has_cls else "generation" if has_gen else None
         if this is None:
-            raise ValueError(f"{path}:{n}: expected fields text+label or source+target, got {sorted(rec)}")
+            raise ValueError(f"{path}:{n}: expected fields {fields.text}+{fields.label} or "
+                             f"{fields.source}+{fields.target}, got {sorted(rec)}")
         kind = kind or this
         if this != kind:
             raise ValueError(f"{path}:{n}: a {this} record in a {kind} file")
-        fields = ("text", "label") if kind == "classification" else ("source", "target")
-        for name in fields:
+        names = (fields.text, fields.label) if kind == "classification" else (fields.source, fields.target)
+        for name in names:
             value = rec.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise ValueError(f"{path}:{n}: missing or empty field {name!r}")
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise ValueError(f"{path}:{n}: field {name!r} must be a string, got {type(value).__name__}")
         if kind == "classification":
-            examples.append(Example(text=str(rec["text"]).strip(), label=str(rec["label"]).strip()))
+            examples.append(Example(text=str(rec[fields.text]).strip(), label=str(rec[fields.label]).strip()))
         else:
-            examples.append(Example(source=str(rec["source"]), target=str(rec["target"])))
+            examples.append(Example(source=str(rec[fields.source]), target=str(rec[fields.target])))
     if not examples:
         raise ValueError(f"data: {str(path)!r} has no records")
+    return kind, examples
+
+
+def class_labels(found, labels, where):
+    labels = tuple(labels) if labels else tuple(sorted(found))
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        raise ValueError(f"data: labels {unknown} in {where} are not among the labels {list(labels)}")
+    if len(labels) < 2:
+        raise ValueError(f"data: classification needs at least 2 labels, found {list(labels)}")
+    return labels
+
+
+def load_file(path, labels=None, fields=Fields()):
+    """Examples from a JSONL or CSV file with `text`+`label` or `source`+`target` fields (names:
+    `fields`), split with the same fixed rule as the default data. labels: the label names in class
+    order (default: the sorted labels found in the file)."""
+    kind, examples = read_examples(path, fields)
     if kind == "classification":
-        found = sorted({e.label for e in examples})
-        labels = tuple(labels) if labels else tuple(found)
-        unknown = sorted(set(found) - set(labels))
-        if unknown:
-            raise ValueError(f"data: labels {unknown} in {str(path)!r} are not among --labels {list(labels)}")
-        if len(labels) < 2:
-            raise ValueError(f"data: classification needs at least 2 labels, found {list(labels)}")
+        labels = class_labels({e.label for e in examples}, labels, repr(str(path)))
         examples = _dedupe(examples)
     train, validation, test = _split(examples)
     return Dataset(kind, train, validation, test, labels=tuple(labels or ()))
+
+
+def load_files(train, validation=None, test=None, labels=None, fields=Fields()):
+    """A Dataset from separate files, used as they are (no split, no deduplication): train is
+    required; validation and test may be None (then that split is empty). The labels are those of
+    the training file (or `labels`); a validation or test label outside them is an error naming the
+    file. All files must be of one kind."""
+    kind, train_ex = read_examples(train, fields)
+    splits = {"validation": [], "test": []}
+    for name, path in (("validation", validation), ("test", test)):
+        if path is not None:
+            other, splits[name] = read_examples(path, fields)
+            if other != kind:
+                raise ValueError(f"data: {str(path)!r} holds {other} records, {str(train)!r} {kind} ones")
+    if kind == "classification":
+        labels = class_labels({e.label for e in train_ex}, labels, repr(str(train)))
+        for name, path in (("validation", validation), ("test", test)):
+            class_labels({e.label for e in splits[name]}, labels, repr(str(path)))
+    return Dataset(kind, train_ex, splits["validation"], splits["test"], labels=tuple(labels or ()))
 
 
 # --------------------------------------------------------------------------- encoding and batches

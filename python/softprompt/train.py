@@ -8,6 +8,7 @@ classification head) are trained.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -57,8 +58,16 @@ class TrainConfig:
     output: str = "softprompt-output"
     resume: str | None = None
     model: str | None = None
-    data: str | None = None
+    data: str | None = None  # one file, cut into test/validation/train by data.py's fixed rule
+    train_file: str | None = None  # or separate files, used as they are (validation, test optional)
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_field: str = "text"  # the records' field names
+    label_field: str = "label"
+    source_field: str = "source"
+    target_field: str = "target"
     labels: list | None = None
+    save: str = "best"  # the adapter written: the best on validation ("best") or the last ("last")
     max_eval: int | None = None  # cap on evaluated examples per split (quick runs)
     progress: bool = True
 
@@ -78,7 +87,16 @@ class TrainConfig:
             raise ValueError(f"schedule: expected 'linear' or 'cosine', got {c.schedule!r}")
         if c.prefix_projection and c.method != "prefix":
             raise ValueError("prefix_projection: only for --method prefix")
+        if c.save not in ("best", "last"):
+            raise ValueError(f"save: expected 'best' or 'last', got {c.save!r}")
+        if c.data and c.train_file:
+            raise ValueError("data: give --data (one file, split) or --train-file (separate files), not both")
+        if (c.validation_file or c.test_file) and not c.train_file:
+            raise ValueError("validation_file, test_file: need --train-file")
         return c
+
+    def fields(self):
+        return data_mod.Fields(self.text_field, self.label_field, self.source_field, self.target_field)
 
 
 # --------------------------------------------------------------------------- optimizer, schedule
@@ -406,7 +424,7 @@ def _setup(cfg, model, dataset, log, comm):
     try:  # every rank loads its own copy; a failure anywhere stops every rank with all the reasons
         model = model or load_model(cfg.model)
         if dataset is None:
-            dataset = data_mod.load_file(cfg.data, cfg.labels) if cfg.data else data_mod.rotten_tomatoes()
+            dataset = _dataset(cfg)
         task = Task(model, dataset, num_virtual_tokens=cfg.num_virtual_tokens)
     except (OSError, ValueError, KeyError) as exc:
         error = exc
@@ -426,6 +444,9 @@ def _start(run):
         _atomic_write(run.out / "run_config.json", lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=2)))
     n_test = min(len(task.test), cfg.max_eval or len(task.test))
     ranks = f" on {comm.size} ranks" if comm.size > 1 else ""
+    if not task.test:
+        run.log(f"{len(task.train)} training examples{ranks}; no test examples")
+        return
     run.log(f"{len(task.train)} training examples{ranks}; evaluating the start on {n_test} test examples...")
     run.state["zero_shot"] = task.evaluate(None, task.test, limit=cfg.max_eval, comm=comm, head=run.adapter.head)
     run.state["initial"] = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm)
@@ -481,7 +502,7 @@ def _loop(run, on_step):
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{_tokens_per_second(state):.0f}")
                 bar.update(1)
             stop = False
-            if state["step"] % cfg.eval_every == 0 or state["step"] == run.total:
+            if task.validation and (state["step"] % cfg.eval_every == 0 or state["step"] == run.total):
                 stop = _validate(run, bar)
                 state["train_seconds"] = time.perf_counter() - t_start  # validation included
             if comm.rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == run.total or stop):
@@ -518,10 +539,11 @@ def _finish(run):
     from . import get_num_threads
 
     cfg, comm, task, state, out = run.cfg, run.comm, run.task, run.state, run.out
-    if state.get("best_params") is not None and cfg.patience:  # early stopping keeps the best
+    if state.get("best_params") is not None and (cfg.save == "best" or cfg.patience):  # the best on validation
         for k, v in state["best_params"].items():
             run.adapter.parameters()[k][...] = v
-    final = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm)
+        run.log(f"keeping the adapter of step {state['best_step']} (best validation {run.metric})")
+    final = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm) if task.test else None
     metric = run.metric
     metrics = {
         f"zero_shot_{metric}": state.get("zero_shot"),
@@ -541,13 +563,15 @@ def _finish(run):
     if comm.rank == 0:
         run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
-                     "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model}
+                     "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model,
+                     "fields": dataclasses.asdict(cfg.fields())}
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
         _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         _plot(out / "training_curves.png", state, metric)
-    run.log(f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f}); {state['step']} steps in "
-            f"{metrics['train_seconds']:.0f} s (validation included), {metrics['tokens_per_second']:.0f} tokens/s; "
-            f"adapter in {out}")
+    result = "no test examples" if final is None else \
+        f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f})"
+    run.log(f"{result}; {state['step']} steps in {metrics['train_seconds']:.0f} s (validation included), "
+            f"{metrics['tokens_per_second']:.0f} tokens/s; adapter in {out}")
     return metrics
 
 
@@ -600,6 +624,15 @@ def step_gradients(task, adapter, micro, comm):
     mapped = adapter.gradients(summed)
     grads_sum = {k: np.asarray(g, dtype=params[k].dtype).reshape(params[k].shape) for k, g in mapped.items()}
     return grads_sum, float(flat[-2]), int(flat[-1])
+
+
+def _dataset(cfg):
+    """The run's Dataset: separate files, one file with the fixed split, or the default data."""
+    if cfg.train_file:
+        return data_mod.load_files(cfg.train_file, cfg.validation_file, cfg.test_file, cfg.labels, cfg.fields())
+    if cfg.data:
+        return data_mod.load_file(cfg.data, cfg.labels, cfg.fields())
+    return data_mod.rotten_tomatoes()
 
 
 def _empty_backward(model, adapter, prompt_sum):
