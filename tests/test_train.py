@@ -265,3 +265,35 @@ def test_the_adapter_written_is_the_best_on_validation(save, tiny, tmp_path, mon
           on_step=lambda run: snapshots.__setitem__(run.state["step"], run.adapter.prefix.copy()))
     saved = softprompt.PrefixTuning.from_pretrained(tmp_path / "run").prefix
     np.testing.assert_array_equal(saved, snapshots[4 if save == "best" else 12])
+
+
+def test_template_flag_is_used_saved_and_checked(tiny, tmp_path, capsys):
+    folder, model, _, data_file = tiny
+    out = tmp_path / "run"
+    template = "w3 {text} : Sentiment"  # words of the tiny vocabulary
+    assert cli.main(["train", "--model", str(folder), "--data", str(data_file), "--template", template, "--max-steps",
+                     "20", "--lr", "0.1", "--init", "random", "--eval-every", "10", "--output", str(out),
+                     "--no-progress"]) == 0
+    info = json.loads((out / "softprompt.json").read_text())
+    assert info["template"] == template
+    ds = data_mod.load_file(data_file)
+    task = softprompt.train.Task(model, ds, template)
+    e = ds.test[0]
+    assert task.test[0].ids == model.tokenizer.encode(template.replace("{text}", e.text), add_special_tokens=False).ids
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    code = cli.main(["train", "--model", str(folder), "--data", str(data_file), "--template", "no placeholder",
+                     "--output", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "template: expected a string with the placeholder {text}" in capsys.readouterr().err
+
+
+def test_generation_template_wraps_the_source(tiny):
+    _, model, _, _ = tiny
+    e = data_mod.Example(source="w1 w2", target="good")
+    enc = data_mod.encode_generation(model.tokenizer, e, None, 512, "Review : {source} Sentiment :")
+    src = model.tokenizer.encode("Review : w1 w2 Sentiment :", add_special_tokens=False).ids
+    assert enc.ids == src + model.tokenizer.encode("good", add_special_tokens=False).ids and enc.loss_from == len(src) - 1
+    with pytest.raises(ValueError, match=r"placeholder \{source\}"):
+        data_mod.check_template("{text}", "generation")

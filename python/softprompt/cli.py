@@ -65,6 +65,9 @@ def _train_parser(sub):
     p.add_argument("--save", choices=["best", "last"], default="best",
                    help="the adapter written: the best on validation (default) or the last")
     p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
+    p.add_argument("--template", default=None,
+                   help="the input around each example: {text} (classification; default 'Review: {text}\\nSentiment:') "
+                        "or {source} (generation; default '{source}') is replaced by the field")
     p.add_argument("--max-eval", type=int, default=None, help="evaluate at most N examples per split")
     p.add_argument("--no-progress", action="store_true")
 
@@ -80,7 +83,7 @@ def _cmd_train(args):
         data=args.data, labels=args.labels.split(",") if args.labels else None, max_eval=args.max_eval,
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
         test_file=args.test_file, text_field=args.text_field, label_field=args.label_field,
-        source_field=args.source_field, target_field=args.target_field, save=args.save,
+        source_field=args.source_field, target_field=args.target_field, save=args.save, template=args.template,
     )
     comm = world()
     if args.resume:  # the saved run's settings; see _resumed_config for the flags that may change
@@ -187,7 +190,7 @@ def _cmd_eval(args):
     else:  # a split of --data's fixed cut, or of the default data
         dataset = data_mod.load_file(args.data, labels, fields) if args.data else data_mod.rotten_tomatoes()
         split_name = args.split or "test"
-    task = Task(model, dataset, info.get("template", data_mod.TEMPLATE), adapter.num_virtual_tokens)
+    task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
     split = task.test if split_name == "data" else {"test": task.test, "validation": task.validation,
                                                      "train": task.train}[split_name]
     value = task.evaluate(adapter, split, limit=args.max_eval)
@@ -201,10 +204,11 @@ def _cmd_generate(args):
     if info.get("kind") == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset("classification", [], [], [], labels=tuple(labels))
-        task = Task(model, dataset, info.get("template", data_mod.TEMPLATE), adapter.num_virtual_tokens)
+        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
         print(task.predict(adapter, args.text))
         return 0
-    ids = model.tokenizer.encode(args.text, add_special_tokens=False).ids
+    template = data_mod.check_template(info.get("template"), "generation")
+    ids = model.tokenizer.encode(template.replace("{source}", args.text), add_special_tokens=False).ids
     eos = model.config.eos_token_id
     new = softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p,

@@ -207,19 +207,35 @@ class Encoded:
     answer: int | None = None
 
 
+GENERATION_TEMPLATE = "{source}"
+PLACEHOLDER = {"classification": "{text}", "generation": "{source}"}
+
+
+def check_template(template, kind):
+    """The template for a kind of data (None: the default), or a ValueError naming --template. The
+    placeholder ({text} or {source}) is replaced by the example's field; no other braces are special."""
+    if template is None:
+        return TEMPLATE if kind == "classification" else GENERATION_TEMPLATE
+    if not isinstance(template, str) or PLACEHOLDER[kind] not in template:
+        raise ValueError(f"template: expected a string with the placeholder {PLACEHOLDER[kind]} for {kind} data, "
+                         f"got {template!r}")
+    return template
+
+
 def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512, add_special_tokens=False):
     """The template around the text; the answer is read at the last token. add_special_tokens: the
     tokenizer's own (BERT's [CLS] ... [SEP], which its pooler and classification head read)."""
-    ids = tokenizer.encode(template.format(text=example.text), add_special_tokens=add_special_tokens).ids
+    ids = tokenizer.encode(template.replace("{text}", example.text), add_special_tokens=add_special_tokens).ids
     words = example.text.split()
     while len(ids) > max_tokens and words:  # a very long text loses words from its end
         words = words[: len(words) * 3 // 4]
-        ids = tokenizer.encode(template.format(text=" ".join(words)), add_special_tokens=add_special_tokens).ids
+        ids = tokenizer.encode(template.replace("{text}", " ".join(words)), add_special_tokens=add_special_tokens).ids
     return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label))
 
 
-def encode_generation(tokenizer, example, eos_id=None, max_tokens=512):
-    src = tokenizer.encode(example.source, add_special_tokens=False).ids
+def encode_generation(tokenizer, example, eos_id=None, max_tokens=512, template=GENERATION_TEMPLATE):
+    """The template around the source, then the target (the loss covers the target tokens only)."""
+    src = tokenizer.encode(template.replace("{source}", example.source), add_special_tokens=False).ids
     tgt = tokenizer.encode(example.target, add_special_tokens=False).ids + ([eos_id] if eos_id is not None else [])
     ids = (src + tgt)[-max_tokens:]
     return Encoded(ids=ids, loss_from=max(len(ids) - len(tgt) - 1, 0))

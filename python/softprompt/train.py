@@ -67,6 +67,7 @@ class TrainConfig:
     source_field: str = "source"
     target_field: str = "target"
     labels: list | None = None
+    template: str | None = None  # with {text} (classification) or {source} (generation); None: the default
     save: str = "best"  # the adapter written: the best on validation ("best") or the last ("last")
     max_eval: int | None = None  # cap on evaluated examples per split (quick runs)
     progress: bool = True
@@ -172,7 +173,8 @@ class Task:
     is the adapter's .head, see make_adapter), and the input gets the tokenizer's special tokens
     ([CLS] first, which the pooler reads), as PEFT's users tokenize for BertForSequenceClassification."""
 
-    def __init__(self, model, dataset, template=data_mod.TEMPLATE, num_virtual_tokens=0):
+    def __init__(self, model, dataset, template=None, num_virtual_tokens=0):
+        template = data_mod.check_template(template, dataset.kind)
         self.model, self.dataset, self.template = model, dataset, template
         # Inputs are cut to 512 tokens, and where positions come from a table (GPT-2, BERT) to what
         # the table holds after the virtual tokens' positions.
@@ -198,7 +200,7 @@ class Task:
         else:
             self.labels, self.label_ids = [], []
             eos = model.config.eos_token_id
-            enc = lambda e: data_mod.encode_generation(tok, e, eos, max_tokens)  # noqa: E731
+            enc = lambda e: data_mod.encode_generation(tok, e, eos, max_tokens, template)  # noqa: E731
         self.train = [enc(e) for e in dataset.train]
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
@@ -425,7 +427,7 @@ def _setup(cfg, model, dataset, log, comm):
         model = model or load_model(cfg.model)
         if dataset is None:
             dataset = _dataset(cfg)
-        task = Task(model, dataset, num_virtual_tokens=cfg.num_virtual_tokens)
+        task = Task(model, dataset, cfg.template, num_virtual_tokens=cfg.num_virtual_tokens)
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
