@@ -297,3 +297,43 @@ def test_generation_template_wraps_the_source(tiny):
     assert enc.ids == src + model.tokenizer.encode("good", add_special_tokens=False).ids and enc.loss_from == len(src) - 1
     with pytest.raises(ValueError, match=r"placeholder \{source\}"):
         data_mod.check_template("{text}", "generation")
+
+
+def test_predict_writes_one_row_per_input_in_order(tiny, tmp_path, capsys):
+    folder, model, _, data_file = tiny
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", str(folder), "--data", str(data_file), "--max-steps", "20", "--lr", "0.1",
+                     "--init", "random", "--eval-every", "10", "--output", str(out), "--no-progress"]) == 0
+    texts = [json.loads(line)["text"] for line in data_file.read_text().splitlines()[:37]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # no labels needed
+    assert cli.main(["predict", "--adapter", str(out), "--data", str(tmp_path / "in.jsonl"), "--output",
+                     str(tmp_path / "p.jsonl"), "--batch-size", "8", "--no-progress"]) == 0
+    preds = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == 37
+    adapter = softprompt.PromptTuning.from_pretrained(out, model)
+    task = softprompt.train.Task(model, data_mod.Dataset("classification", [], [], [], labels=("negative", "positive")))
+    for t, p in zip(texts, preds):  # in order, each against the row scored alone
+        e = data_mod.encode_classification(model.tokenizer, data_mod.Example(text=t, label="negative"),
+                                           ["negative", "positive"], task.template)
+        logits = task.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), bool))[0].astype(np.float64)
+        want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose([p["probabilities"]["negative"], p["probabilities"]["positive"]], want, rtol=1e-5)
+        assert p["label"] == ("negative", "positive")[int(want.argmax())]
+
+
+def test_predict_generates_text_for_a_generation_adapter(tiny, tmp_path):
+    folder, model, _, _ = tiny
+    rng = np.random.default_rng(4)
+    rows = [{"source": " ".join(rng.choice(WORDS, 3)), "target": "good bad"} for _ in range(40)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", str(folder), "--data", str(tmp_path / "g.jsonl"), "--max-steps", "3",
+                     "--init", "random", "--output", str(out), "--no-progress"]) == 0
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"source": r["source"]}) + "\n" for r in rows[:5]))
+    assert cli.main(["predict", "--adapter", str(out), "--data", str(tmp_path / "in.jsonl"), "--output",
+                     str(tmp_path / "p.jsonl"), "--max-new-tokens", "4", "--no-progress"]) == 0
+    preds = [json.loads(line)["text"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    adapter = softprompt.PromptTuning.from_pretrained(out, model)
+    for r, text in zip(rows[:5], preds):
+        ids = model.tokenizer.encode(r["source"], add_special_tokens=False).ids
+        assert text == model.tokenizer.decode(softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=4)[0])

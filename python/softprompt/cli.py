@@ -1,8 +1,9 @@
-"""The `softprompt` command: train, eval, generate, info.
+"""The `softprompt` command: train, eval, predict, generate, info.
 
     softprompt train                       # prompt tuning of SmolLM2 on movie-review sentiment
     softprompt train --method prefix --output runs/prefix
     softprompt eval --adapter softprompt-output
+    softprompt predict --adapter softprompt-output --data reviews.jsonl --output preds.jsonl
     softprompt generate --adapter softprompt-output "A tender, funny film."
     softprompt info
 """
@@ -217,6 +218,60 @@ def _cmd_generate(args):
     return 0
 
 
+def _cmd_predict(args):
+    """One JSON object per row of --data, in order: the label and every label's probability
+    (classification) or the generated text (generation, greedy with the KV cache)."""
+    import numpy as np
+
+    from .adapters import _atomic_write
+
+    model, adapter, info = _load_run(args.adapter, args.model)
+    fields = data_mod.Fields(**info.get("fields", {}))
+    kind, examples = data_mod.read_examples(args.data, fields, inputs_only=True)
+    if kind != info.get("kind", kind):
+        raise ValueError(f"{args.data}: holds {kind} records, the adapter in {args.adapter} was trained for "
+                         f"{info['kind']}")
+    bar = _bar(len(examples), "predict", not args.no_progress)
+    rows = []
+    if kind == "classification":
+        labels = info["labels"]
+        dataset = data_mod.Dataset(kind, [], [], [], labels=tuple(labels))
+        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
+        enc = [data_mod.encode_classification(model.tokenizer, data_mod.Example(text=e.text, label=labels[0]), labels,
+                                              task.template, task.max_tokens, add_special_tokens=task.uses_head)
+               for e in examples]
+        for b0 in range(0, len(enc), args.batch_size):
+            ids, mask = data_mod.pad_batch(enc[b0:b0 + args.batch_size])
+            logits = task.logits(adapter, ids, mask).astype(np.float64)
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            rows += [{"label": labels[int(row.argmax())], "probabilities": dict(zip(labels, map(float, row)))}
+                     for row in p]
+            bar.update(len(ids))
+    else:
+        template = data_mod.check_template(info.get("template"), "generation")
+        eos = model.config.eos_token_id
+        new_tokens = args.max_new_tokens or (info.get("max_target_tokens") or 32) + 8
+        for b0 in range(0, len(examples), args.batch_size):
+            batch = [model.tokenizer.encode(template.replace("{source}", e.source), add_special_tokens=False).ids
+                     for e in examples[b0:b0 + args.batch_size]]
+            out = softprompt.generate(model, batch, adapter=adapter, max_new_tokens=new_tokens,
+                                      stop_tokens=[eos] if eos is not None else [])
+            rows += [{"text": model.tokenizer.decode(ids)} for ids in out]
+            bar.update(len(batch))
+    bar.close()
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    _atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    print(f"{len(rows)} predictions in {args.output}", file=sys.stderr)
+    return 0
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True)
+
+
 def _cmd_info(args):
     model = softprompt.load_model(args.model)
     c = model.config
@@ -257,6 +312,15 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("predict", help="predictions for every row of a file, as JSON lines", allow_abbrev=False)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--data", required=True, help="JSONL/CSV with the text (or source) field; labels not needed")
+    p.add_argument("--output", required=True, help="the JSON-lines file to write (atomically)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation: default the longest training target + 8 tokens")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("info", help="model and adapter parameter counts")
     p.add_argument("--model", default=None)
     p.add_argument("--adapter", default=None)
@@ -264,7 +328,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.explicit = _explicit_flags(argv)
     try:
-        return {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "info": _cmd_info}[args.command](args)
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "predict": _cmd_predict,
+                    "info": _cmd_info}
+        return commands[args.command](args)
     except (ValueError, OSError, KeyError, DistributedError) as exc:
         if launched_rank() == 0:  # under MPI every rank has the error: rank 0 reports it
             print(f"softprompt {args.command}: error: {exc}", file=sys.stderr)

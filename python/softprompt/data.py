@@ -122,10 +122,10 @@ class Fields:
     target: str = "target"
 
 
-def read_examples(path, fields=Fields()):
+def read_examples(path, fields=Fields(), inputs_only=False):
     """(kind, examples) of a JSONL or CSV file whose records have the text+label or source+target
-    fields (named by `fields`). A bad file gets a ValueError naming the file, the line and the
-    field."""
+    fields (named by `fields`; with inputs_only, text or source alone will do: predictions). A bad
+    file gets a ValueError naming the file, the line and the field."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data: {str(path)!r} does not exist")
@@ -141,6 +141,8 @@ def read_examples(path, fields=Fields()):
         if this != kind:
             raise ValueError(f"{path}:{n}: a {this} record in a {kind} file")
         names = (fields.text, fields.label) if kind == "classification" else (fields.source, fields.target)
+        if inputs_only:
+            names = names[:1]
         for name in names:
             value = rec.get(name)
             if value is None or (isinstance(value, str) and not value.strip()):
@@ -148,9 +150,9 @@ def read_examples(path, fields=Fields()):
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise ValueError(f"{path}:{n}: field {name!r} must be a string, got {type(value).__name__}")
         if kind == "classification":
-            examples.append(Example(text=str(rec[fields.text]).strip(), label=str(rec[fields.label]).strip()))
+            examples.append(Example(text=str(rec[fields.text]).strip(), label=str(rec.get(fields.label, "")).strip()))
         else:
-            examples.append(Example(source=str(rec[fields.source]), target=str(rec[fields.target])))
+            examples.append(Example(source=str(rec[fields.source]), target=str(rec.get(fields.target, ""))))
     if not examples:
         raise ValueError(f"data: {str(path)!r} has no records")
     return kind, examples

@@ -248,6 +248,10 @@ class Task:
         hidden = self.model.forward(ids, mask, adapter=adapter)
         return losses.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
 
+    def max_target_tokens(self):
+        """The longest training target in tokens (generation; 0 for classification)."""
+        return max((len(e.ids) - 1 - e.loss_from for e in self.train), default=0) if self.kind == "generation" else 0
+
     def weight(self, e):
         """What one example counts in a mean loss: 1, or its target tokens (generation)."""
         return 1 if self.kind == "classification" else max(0, len(e.ids) - 1 - e.loss_from)
@@ -566,7 +570,7 @@ def _finish(run):
         run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
                      "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model,
-                     "fields": dataclasses.asdict(cfg.fields())}
+                     "fields": dataclasses.asdict(cfg.fields()), "max_target_tokens": task.max_target_tokens()}
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
         _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         _plot(out / "training_curves.png", state, metric)
