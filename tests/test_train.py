@@ -337,3 +337,24 @@ def test_predict_generates_text_for_a_generation_adapter(tiny, tmp_path):
     for r, text in zip(rows[:5], preds):
         ids = model.tokenizer.encode(r["source"], add_special_tokens=False).ids
         assert text == model.tokenizer.decode(softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=4)[0])
+
+
+def test_classification_metrics_count_the_confusion_matrix(tiny, tmp_path):
+    """metrics.json has the test confusion matrix (rows true, columns predicted) and macro-F1,
+    recounted here from each test example's prediction."""
+    _, model, dataset, _ = tiny
+    m = train(_cfg(tmp_path, max_steps=20, lr=0.1), model=model, dataset=dataset, log=lambda s: None)
+    adapter = softprompt.PromptTuning.from_pretrained(tmp_path / "run", model)
+    task = softprompt.train.Task(model, dataset)
+    predicted = [int(task.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), bool)).argmax()) for e in task.test]
+    true = [e.answer for e in task.test]
+    counts = np.zeros((2, 2), int)
+    for t, p in zip(true, predicted):
+        counts[t, p] += 1
+    assert m["test_confusion_matrix"] == counts.tolist()
+    f1 = [2 * counts[k, k] / (counts[k].sum() + counts[:, k].sum()) for k in range(2)]
+    assert m["test_macro_f1"] == pytest.approx(np.mean(f1)) and m["test_accuracy"] == pytest.approx(np.mean(
+        np.array(true) == np.array(predicted)))
+    assert (tmp_path / "run" / "confusion_matrix.png").exists() or not __import__("importlib").util.find_spec(
+        "matplotlib")
+    assert softprompt.train.macro_f1([[3, 0, 0], [0, 0, 0], [1, 0, 0]]) == pytest.approx((2 * 3 / 7 + 0 + 0) / 3)

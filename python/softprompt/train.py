@@ -257,20 +257,29 @@ class Task:
         return 1 if self.kind == "classification" else max(0, len(e.ids) - 1 - e.loss_from)
 
     def evaluate(self, adapter, examples, batch_size=32, limit=None, comm=None, head=None):
-        """Classification accuracy (or, for generation, the mean loss per target token) on examples.
-        With an MPI communicator every rank evaluates its share and the sums are reduced (all
-        ranks must call it). head: the classification head to use without an adapter (uses_head)."""
+        """Classification accuracy (or, for generation, the mean loss per target token) on examples;
+        see evaluate_metrics."""
+        report = self.evaluate_metrics(adapter, examples, batch_size, limit, comm, head)
+        return report["accuracy" if self.kind == "classification" else "loss"]
+
+    def evaluate_metrics(self, adapter, examples, batch_size=32, limit=None, comm=None, head=None):
+        """-> classification: {"accuracy", "macro_f1", "confusion_matrix" (rows: the true label,
+        columns: the predicted one, in label order)}; generation: {"loss" (mean per target token),
+        "perplexity" (exp of it)}. With an MPI communicator every rank evaluates its share and the
+        counts are summed (all ranks must call it). head: the classification head to use without
+        an adapter (uses_head)."""
         examples = examples[:limit] if limit else examples
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # less padding
         if comm is not None and comm.size > 1:
             order = order[comm.rank::comm.size]  # interleaved: every rank gets short and long ones
-        correct, loss_sum, targets = 0, 0.0, 0
+        K = len(self.labels)
+        confusion, loss_sum, targets = np.zeros((K, K)), 0.0, 0
         for b0 in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[b0:b0 + batch_size]]
             ids, mask = data_mod.pad_batch(batch)
             if self.kind == "classification":
-                logits = self.logits(adapter, ids, mask, head)
-                correct += int(np.sum(logits.argmax(1) == np.array([e.answer for e in batch])))
+                predicted = self.logits(adapter, ids, mask, head).argmax(1)
+                np.add.at(confusion, (np.array([e.answer for e in batch]), predicted), 1)
             else:  # a sum over target tokens, whatever batches they fall in
                 hidden = self.model.forward(ids, mask, adapter=adapter)
                 target_ids, loss_mask = _next_token_targets(ids, mask, batch)
@@ -278,10 +287,13 @@ class Task:
                     loss_sum += losses.lm_loss(self.model, hidden, target_ids, loss_mask, total=1)[0]
                     targets += int(loss_mask.sum())
         if comm is not None and comm.size > 1:
-            correct, loss_sum, targets = comm.allreduce_sum(np.array([correct, loss_sum, targets]))
+            flat = comm.allreduce_sum(np.concatenate([confusion.reshape(-1), [loss_sum, targets]]))
+            confusion, loss_sum, targets = flat[:-2].reshape(K, K), flat[-2], flat[-1]
         if self.kind == "classification":
-            return float(correct) / max(1, len(examples))
-        return float(loss_sum) / max(1, targets)
+            return {"accuracy": float(np.trace(confusion)) / max(1, len(examples)),
+                    "macro_f1": macro_f1(confusion), "confusion_matrix": confusion.astype(int).tolist()}
+        loss = float(loss_sum) / max(1, targets)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
     def predict(self, adapter, text):
         """The label (classification) for one text."""
@@ -298,6 +310,17 @@ def _head(adapter, head=None):
         raise ValueError("adapter: classification with an encoder needs the adapter's classification head "
                          "(adapter.head); this adapter has none")
     return head
+
+
+def macro_f1(confusion):
+    """The mean over classes of F1 = 2 tp / (2 tp + fp + fn), from a confusion matrix (rows: true,
+    columns: predicted); a class with no true and no predicted example counts 0 (scikit-learn's
+    zero_division=0)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2 tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1.mean()) if len(f1) else 0.0
 
 
 def _next_token_targets(ids, mask, batch):
@@ -549,12 +572,14 @@ def _finish(run):
         for k, v in state["best_params"].items():
             run.adapter.parameters()[k][...] = v
         run.log(f"keeping the adapter of step {state['best_step']} (best validation {run.metric})")
-    final = task.evaluate(run.adapter, task.test, limit=cfg.max_eval, comm=comm) if task.test else None
+    report = task.evaluate_metrics(run.adapter, task.test, limit=cfg.max_eval, comm=comm) if task.test else {}
     metric = run.metric
+    final = report.get(metric)
     metrics = {
         f"zero_shot_{metric}": state.get("zero_shot"),
         f"initial_{metric}": state.get("initial"),
         f"test_{metric}": final,
+        **{f"test_{k}": v for k, v in report.items() if k != metric},
         "train_seconds": round(state["train_seconds"], 2),
         "eval_seconds": round(state["eval_seconds"], 2),
         "tokens_per_second": round(_tokens_per_second(state), 1),
@@ -574,6 +599,8 @@ def _finish(run):
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
         _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         _plot(out / "training_curves.png", state, metric)
+        if "confusion_matrix" in report:
+            _plot_confusion(out / "confusion_matrix.png", report["confusion_matrix"], task.labels)
     result = "no test examples" if final is None else \
         f"test {metric}: {final:.4f} (zero-shot {state.get('zero_shot'):.4f})"
     run.log(f"{result}; {state['step']} steps in {metrics['train_seconds']:.0f} s (validation included), "
@@ -730,6 +757,35 @@ def _plot(path, state, metric):
                  color="C1", label=f"validation {metric}")
         ax2.set_ylabel(f"validation {metric}")
     fig.legend(loc="lower left", bbox_to_anchor=(0.1, 0.15))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def _plot_confusion(path, confusion, labels):
+    """The test confusion matrix as a picture (rows: true label, columns: predicted), if matplotlib
+    is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    confusion = np.asarray(confusion)
+    size = max(3.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(confusion.shape[0]):
+        for j in range(confusion.shape[1]):
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center",
+                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
