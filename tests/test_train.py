@@ -358,3 +358,34 @@ def test_classification_metrics_count_the_confusion_matrix(tiny, tmp_path):
     assert (tmp_path / "run" / "confusion_matrix.png").exists() or not __import__("importlib").util.find_spec(
         "matplotlib")
     assert softprompt.train.macro_f1([[3, 0, 0], [0, 0, 0], [1, 0, 0]]) == pytest.approx((2 * 3 / 7 + 0 + 0) / 3)
+
+
+def test_generation_metrics_against_the_libraries(tiny, tmp_path):
+    """After a generation run metrics.json has exact match, BLEU and chrF (sacrebleu) and ROUGE-L
+    (rouge-score): recomputed here from each test source decoded alone, with the libraries called
+    directly."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    _, model, _, _ = tiny
+    rng = np.random.default_rng(3)
+    rows = [{"source": " ".join(rng.choice(WORDS, 3)), "target": "good bad" if i % 2 else "bad"} for i in range(80)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = data_mod.load_file(tmp_path / "gen.jsonl")
+    m = train(_cfg(tmp_path, method="prompt", lr=0.1, max_steps=30, eval_every=15), model=model, dataset=dataset,
+              log=lambda s: None)
+    assert m["test_perplexity"] == pytest.approx(np.exp(m["test_loss"]))
+    adapter = softprompt.PromptTuning.from_pretrained(tmp_path / "run", model)
+    task = softprompt.train.Task(model, dataset)
+    longest = max(len(model.tokenizer.encode(r["target"], add_special_tokens=False).ids) for r in rows)
+    predictions, references = [], []
+    for e, raw in zip(task.test, dataset.test):
+        out = softprompt.generate(model, [e.ids[:e.loss_from + 1]], adapter=adapter, max_new_tokens=longest + 8)[0]
+        predictions.append(model.tokenizer.decode(out))
+        references.append(raw.target)
+    assert m["test_exact_match"] == pytest.approx(np.mean([" ".join(p.split()) == r for p, r in zip(predictions, references)]))
+    assert m["test_bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    assert m["test_chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert m["test_rougeL"] == pytest.approx(np.mean([scorer.score(r, p)["rougeL"].fmeasure
+                                                      for p, r in zip(predictions, references)]))

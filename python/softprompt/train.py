@@ -295,6 +295,24 @@ class Task:
         loss = float(loss_sum) / max(1, targets)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
+    def generate_targets(self, adapter, split="test", limit=None, max_new_tokens=None, batch_size=16):
+        """Greedy decoding (KV cache, batched) of each example's source in a split (generation)
+        -> (predictions, references) as text. max_new_tokens: default the longest training target
+        + 8 tokens."""
+        from .generate import generate
+
+        encoded, raw = getattr(self, split), getattr(self.dataset, split)
+        encoded, raw = (encoded[:limit], raw[:limit]) if limit else (encoded, raw)
+        new = max_new_tokens or self.max_target_tokens() + 8
+        eos = self.model.config.eos_token_id
+        predictions = []
+        for b0 in range(0, len(encoded), batch_size):
+            sources = [e.ids[:e.loss_from + 1] for e in encoded[b0:b0 + batch_size]]
+            out = generate(self.model, sources, adapter=adapter, max_new_tokens=new,
+                           stop_tokens=[eos] if eos is not None else [])
+            predictions += [self.model.tokenizer.decode(ids) for ids in out]
+        return predictions, [e.target for e in raw]
+
     def predict(self, adapter, text):
         """The label (classification) for one text."""
         e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
@@ -310,6 +328,26 @@ def _head(adapter, head=None):
         raise ValueError("adapter: classification with an encoder needs the adapter's classification head "
                          "(adapter.head); this adapter has none")
     return head
+
+
+def text_metrics(predictions, references):
+    """Generated texts against references -> ({"exact_match", "bleu", "chrf", "rougeL"}, note).
+    exact_match: the share equal after stripping and collapsing whitespace (case-sensitive); bleu
+    and chrf: sacrebleu's corpus scores with its defaults (0-100); rougeL: the mean ROUGE-L F1 of
+    rouge-score with its Porter stemmer. Without the `metrics` extra only exact_match, and a note
+    saying what to install."""
+    norm = lambda t: " ".join(t.split())  # noqa: E731
+    out = {"exact_match": float(np.mean([norm(p) == norm(r) for p, r in zip(predictions, references)]))}
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return out, "BLEU, chrF and ROUGE-L need the metrics extra: pip install 'softprompt[metrics]'"
+    out["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    out["chrf"] = float(sacrebleu.corpus_chrf(predictions, [references]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    out["rougeL"] = float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
+    return out, None
 
 
 def macro_f1(confusion):
@@ -591,6 +629,11 @@ def _finish(run):
         "ranks": comm.size,
         "config": asdict(cfg),
     }
+    if task.kind == "generation" and task.test and comm.rank == 0:  # decoding on rank 0 only
+        scores, note = text_metrics(*task.generate_targets(run.adapter, limit=cfg.max_eval))
+        metrics.update({f"test_{k}": v for k, v in scores.items()})
+        if note:
+            run.log(note)
     if comm.rank == 0:
         run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
