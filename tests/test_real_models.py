@@ -130,3 +130,17 @@ def test_minilm_hidden_states_match_transformers():
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-4 * np.abs(want).max(), rtol=0)
     pooled, _ = ours.pooled(got)
     np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+@needs_smollm2
+def test_smollm2_chat_template_renders_as_transformers(smollm2):
+    """--chat-template: the GGUF's tokenizer.chat_template around the task template, rendered as
+    transformers' apply_chat_template renders it."""
+    from softprompt import data as data_mod
+
+    ours, _, tok = smollm2
+    assert ours.chat_template is not None
+    rendered = data_mod.render_chat(ours.chat_template, "Review: {text}\nSentiment:")
+    want = tok.apply_chat_template([{"role": "user", "content": "Review: a fine film\nSentiment:"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert rendered.replace("{text}", "a fine film") == want

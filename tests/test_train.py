@@ -389,3 +389,38 @@ def test_generation_metrics_against_the_libraries(tiny, tmp_path):
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     assert m["test_rougeL"] == pytest.approx(np.mean([scorer.score(r, p)["rougeL"].fmeasure
                                                       for p, r in zip(predictions, references)]))
+
+
+def test_chat_template_wraps_the_task_template(tiny, tmp_path, capsys):
+    """A folder's tokenizer_config.json chat_template, rendered as transformers renders it, around
+    the task template; saved with the run and used by eval; a model without one is refused."""
+    folder, _, _, data_file = tiny
+    import shutil
+
+    chat_folder = tmp_path / "chat"
+    shutil.copytree(folder, chat_folder)
+    template = ("{% for m in messages %}{{ bos_token }}w{{ loop.index }} {{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %} :{% endif %}")
+    (chat_folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "Review"}))
+    model = softprompt.load_model(chat_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(chat_folder / "tokenizer.json"), bos_token="Review",
+                                                   chat_template=template)
+    want = tok.apply_chat_template([{"role": "user", "content": "w5 good"}], tokenize=False, add_generation_prompt=True)
+    assert data_mod.render_chat(model.chat_template, "{text}").replace("{text}", "w5 good") == want
+    ds = data_mod.load_file(data_file)
+    task = softprompt.train.Task(model, ds, "{text}", chat_template=True)
+    assert task.test[0].ids == model.tokenizer.encode(want.replace("w5 good", ds.test[0].text), add_special_tokens=False).ids
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", str(chat_folder), "--data", str(data_file), "--template", "{text}",
+                     "--chat-template", "--max-steps", "10", "--init", "random", "--output", str(out),
+                     "--no-progress"]) == 0
+    assert json.loads((out / "softprompt.json").read_text())["chat_template"] is True
+    capsys.readouterr()
+    assert cli.main(["eval", "--adapter", str(out), "--data", str(data_file), "--split", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == pytest.approx(
+        json.loads((out / "metrics.json").read_text())["test_accuracy"])
+    code = cli.main(["train", "--model", str(folder), "--data", str(data_file), "--chat-template", "--output",
+                     str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "chat_template: the model has none" in capsys.readouterr().err

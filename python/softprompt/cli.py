@@ -66,6 +66,8 @@ def _train_parser(sub):
     p.add_argument("--save", choices=["best", "last"], default="best",
                    help="the adapter written: the best on validation (default) or the last")
     p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the templated input in the model's own chat template (tokenizer_config.json or GGUF)")
     p.add_argument("--template", default=None,
                    help="the input around each example: {text} (classification; default 'Review: {text}\\nSentiment:') "
                         "or {source} (generation; default '{source}') is replaced by the field")
@@ -85,6 +87,7 @@ def _cmd_train(args):
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
         test_file=args.test_file, text_field=args.text_field, label_field=args.label_field,
         source_field=args.source_field, target_field=args.target_field, save=args.save, template=args.template,
+        chat_template=args.chat_template,
     )
     comm = world()
     if args.resume:  # the saved run's settings; see _resumed_config for the flags that may change
@@ -191,7 +194,7 @@ def _cmd_eval(args):
     else:  # a split of --data's fixed cut, or of the default data
         dataset = data_mod.load_file(args.data, labels, fields) if args.data else data_mod.rotten_tomatoes()
         split_name = args.split or "test"
-    task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
+    task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
     split = task.test if split_name == "data" else {"test": task.test, "validation": task.validation,
                                                      "train": task.train}[split_name]
     value = task.evaluate(adapter, split, limit=args.max_eval)
@@ -205,10 +208,10 @@ def _cmd_generate(args):
     if info.get("kind") == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset("classification", [], [], [], labels=tuple(labels))
-        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
+        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
         print(task.predict(adapter, args.text))
         return 0
-    template = data_mod.check_template(info.get("template"), "generation")
+    template = _generation_template(model, info)
     ids = model.tokenizer.encode(template.replace("{source}", args.text), add_special_tokens=False).ids
     eos = model.config.eos_token_id
     new = softprompt.generate(model, [ids], adapter=adapter, max_new_tokens=args.max_new_tokens,
@@ -236,9 +239,10 @@ def _cmd_predict(args):
     if kind == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset(kind, [], [], [], labels=tuple(labels))
-        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens)
+        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
         enc = [data_mod.encode_classification(model.tokenizer, data_mod.Example(text=e.text, label=labels[0]), labels,
-                                              task.template, task.max_tokens, add_special_tokens=task.uses_head)
+                                              task.encoding_template, task.max_tokens,
+                                              add_special_tokens=task.uses_head)
                for e in examples]
         for b0 in range(0, len(enc), args.batch_size):
             ids, mask = data_mod.pad_batch(enc[b0:b0 + args.batch_size])
@@ -249,7 +253,7 @@ def _cmd_predict(args):
                      for row in p]
             bar.update(len(ids))
     else:
-        template = data_mod.check_template(info.get("template"), "generation")
+        template = _generation_template(model, info)
         eos = model.config.eos_token_id
         new_tokens = args.max_new_tokens or (info.get("max_target_tokens") or 32) + 8
         for b0 in range(0, len(examples), args.batch_size):
@@ -264,6 +268,16 @@ def _cmd_predict(args):
     _atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"{len(rows)} predictions in {args.output}", file=sys.stderr)
     return 0
+
+
+def _generation_template(model, info):
+    """The run's generation template, inside the model's chat template if the run used it."""
+    template = data_mod.check_template(info.get("template"), "generation")
+    if info.get("chat_template"):
+        if model.chat_template is None:
+            raise ValueError("chat_template: the run used the model's chat template, this model has none")
+        template = data_mod.render_chat(model.chat_template, template)
+    return template
 
 
 def _bar(total, desc, enabled):

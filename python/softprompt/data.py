@@ -224,6 +224,28 @@ def check_template(template, kind):
     return template
 
 
+def render_chat(chat, template):
+    """The task template (with its placeholder) as the single user message of the model's chat
+    template, rendered as transformers' apply_chat_template(add_generation_prompt=True) renders it
+    (jinja2's immutable sandbox, trim_blocks and lstrip_blocks, loop controls, raise_exception and
+    tojson). The placeholder passes through, so the result is again a template."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat_template: the model's template refused the input ({message})")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(chat.template).render(messages=[{"role": "user", "content": template}],
+                                                     add_generation_prompt=True, bos_token=chat.bos_token,
+                                                     eos_token=chat.eos_token)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"chat_template: the model's template does not render ({exc})") from None
+
+
 def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512, add_special_tokens=False):
     """The template around the text; the answer is read at the last token. add_special_tokens: the
     tokenizer's own (BERT's [CLS] ... [SEP], which its pooler and classification head read)."""

@@ -67,6 +67,7 @@ class TrainConfig:
     source_field: str = "source"
     target_field: str = "target"
     labels: list | None = None
+    chat_template: bool = False  # wrap the templated input in the model's own chat template
     template: str | None = None  # with {text} (classification) or {source} (generation); None: the default
     save: str = "best"  # the adapter written: the best on validation ("best") or the last ("last")
     max_eval: int | None = None  # cap on evaluated examples per split (quick runs)
@@ -173,9 +174,16 @@ class Task:
     is the adapter's .head, see make_adapter), and the input gets the tokenizer's special tokens
     ([CLS] first, which the pooler reads), as PEFT's users tokenize for BertForSequenceClassification."""
 
-    def __init__(self, model, dataset, template=None, num_virtual_tokens=0):
-        template = data_mod.check_template(template, dataset.kind)
-        self.model, self.dataset, self.template = model, dataset, template
+    def __init__(self, model, dataset, template=None, num_virtual_tokens=0, chat_template=False):
+        self.template = template = data_mod.check_template(template, dataset.kind)
+        self.chat_template = bool(chat_template)
+        if chat_template:  # the model's chat template around the task template (the placeholder passes)
+            if model.chat_template is None:
+                raise ValueError("chat_template: the model has none (tokenizer_config.json's chat_template or the "
+                                 "GGUF's tokenizer.chat_template)")
+            template = data_mod.render_chat(model.chat_template, template)
+        self.encoding_template = template
+        self.model, self.dataset = model, dataset
         # Inputs are cut to 512 tokens, and where positions come from a table (GPT-2, BERT) to what
         # the table holds after the virtual tokens' positions.
         limit = model.position_limit
@@ -316,7 +324,7 @@ class Task:
     def predict(self, adapter, text):
         """The label (classification) for one text."""
         e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
-                                           self.labels, self.template, self.max_tokens,
+                                           self.labels, self.encoding_template, self.max_tokens,
                                            add_special_tokens=self.uses_head)
         logits = self.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), dtype=bool))
         return self.labels[int(logits.argmax())]
@@ -492,7 +500,8 @@ def _setup(cfg, model, dataset, log, comm):
         model = model or load_model(cfg.model)
         if dataset is None:
             dataset = _dataset(cfg)
-        task = Task(model, dataset, cfg.template, num_virtual_tokens=cfg.num_virtual_tokens)
+        task = Task(model, dataset, cfg.template, num_virtual_tokens=cfg.num_virtual_tokens,
+                    chat_template=cfg.chat_template)
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
@@ -638,7 +647,8 @@ def _finish(run):
         run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
                      "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model,
-                     "fields": dataclasses.asdict(cfg.fields()), "max_target_tokens": task.max_target_tokens()}
+                     "fields": dataclasses.asdict(cfg.fields()), "max_target_tokens": task.max_target_tokens(),
+                     "chat_template": task.chat_template}
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))
         _atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         _plot(out / "training_curves.png", state, metric)

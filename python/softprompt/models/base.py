@@ -74,6 +74,16 @@ class ModelConfig:
     pad_token_id: int | None = None
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The model's chat template (a Jinja template, the format transformers' apply_chat_template
+    renders) and the special-token strings it may use."""
+
+    template: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
 @dataclass
 class RopeTables:
     """Rotary angles of every row the layers see: cos, sin [N = B*L, head_dim/2]."""
@@ -163,6 +173,7 @@ class Transformer:
 
     config: ModelConfig
     tokenizer = None
+    chat_template: ChatTemplate | None = None  # from tokenizer_config.json or the GGUF (models/loading.py)
 
     embed: np.ndarray  # token embeddings [V, C]
 
@@ -253,7 +264,7 @@ class Transformer:
                     walk(x)
 
         for name, value in self.__dict__.items():
-            if name not in ("config", "tokenizer"):
+            if name not in ("config", "tokenizer", "chat_template"):
                 walk(value)
         return out
 
@@ -530,7 +541,7 @@ class Transformer:
             return v
 
         for name, value in list(self.__dict__.items()):
-            if name not in ("config", "tokenizer"):
+            if name not in ("config", "tokenizer", "chat_template"):
                 self.__dict__[name] = cast(value)
 
 

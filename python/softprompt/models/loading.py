@@ -175,6 +175,37 @@ def _load_hf_folder(folder: Path, dtype):
         raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    model = _model_from_folder(folder, cfg, dtype)
+    model.chat_template = _chat_template_from_folder(folder)
+    return model
+
+
+def _chat_template_from_folder(folder: Path):
+    """tokenizer_config.json's chat_template (a string, or a list of named ones: "default"), or None."""
+    from .base import ChatTemplate
+
+    f = folder / "tokenizer_config.json"
+    if not f.exists():
+        return None
+    try:
+        tc = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{f}: not valid JSON ({exc})") from None
+    template = tc.get("chat_template") if isinstance(tc, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str):
+        return None
+
+    def token(name):
+        value = tc.get(name)
+        return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+    return ChatTemplate(template, token("bos_token"), token("eos_token"))
+
+
+def _model_from_folder(folder, cfg, dtype):
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
@@ -510,4 +541,21 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     if unused:  # a bias, an expert, ...: a weight the llama forward would silently leave out
         raise ValueError(f"{path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
                          "(a llama GGUF without them)")
-    return Llama(config, embed, layers, final_norm, output, _gguf_tokenizer(reader))
+    model = Llama(config, embed, layers, final_norm, output, _gguf_tokenizer(reader))
+    model.chat_template = _gguf_chat_template(reader)
+    return model
+
+
+def _gguf_chat_template(reader):
+    from .base import ChatTemplate
+
+    template = _gguf_field(reader, "tokenizer.chat_template")
+    if not isinstance(template, str):
+        return None
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens") or []
+
+    def token(key):
+        i = _gguf_field(reader, key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else ""
+
+    return ChatTemplate(template, token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
