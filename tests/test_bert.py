@@ -122,4 +122,4 @@ def test_train_on_bert_learns_with_a_head_and_peft_agrees(method, lr, steps, tmp
         base = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "bert", num_labels=2).eval()
         with torch.no_grad():
             want = _peft(base, tmp_path / "run")(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(int))).logits
-        np.testing.assert_array_equal(task.logits(adapter, ids, mask).argmax(1), want.numpy().argmax(1))
+        np.testing.assert_array_equal(task.logits(adapter, task.test[:20]).argmax(1), want.numpy().argmax(1))

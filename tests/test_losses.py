@@ -8,7 +8,7 @@ from conftest import numeric_sample, tiny_llama
 from softprompt import losses
 
 
-def test_lm_and_label_word_losses_match_finite_differences(rng):
+def test_lm_loss_and_label_word_logits_match_finite_differences(rng):
     model = tiny_llama(rng).astype(np.float64)
     hidden = rng.standard_normal((2, 5, model.config.hidden_size))
     targets = rng.integers(0, model.config.vocab_size, (2, 5))
@@ -19,10 +19,38 @@ def test_lm_and_label_word_losses_match_finite_differences(rng):
     assert loss == pytest.approx(-logp[mask, targets[mask]].mean(), rel=1e-10)
     idx, numeric = numeric_sample(lambda: losses.lm_loss(model, hidden, targets, mask)[0], hidden, rng=rng)
     np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
-    pos, labels_ids, labels = np.array([4, 1]), np.array([5, 9]), np.array([1, 0])
-    loss, d, lg = losses.label_word_loss(model, hidden, pos, labels_ids, labels)
-    np.testing.assert_allclose(lg, logits[[0, 1], pos][:, labels_ids], rtol=1e-10)
-    idx, numeric = numeric_sample(lambda: losses.label_word_loss(model, hidden, pos, labels_ids, labels)[0], hidden, rng=rng)
+    pos, labels = np.array([4, 1]), np.array([1, 0])
+    for label_ids in (np.array([5, 9]), np.array([[5, 9], [7, 2]])):  # one set, or one per row
+        want = logits[[0, 1], pos][:, label_ids] if label_ids.ndim == 1 else \
+            np.take_along_axis(logits[[0, 1], pos], label_ids, axis=1)
+
+        def loss_of():
+            return losses.cross_entropy(losses.label_word_logits(model, hidden, pos, label_ids), labels)
+
+        lg = losses.label_word_logits(model, hidden, pos, label_ids)
+        np.testing.assert_allclose(lg, want, rtol=1e-10)
+        d = losses.label_word_logits_backward(model, loss_of()[1], hidden.shape, pos, label_ids)
+        idx, numeric = numeric_sample(lambda: loss_of()[0], hidden, rng=rng)
+        np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_token_log_probs_and_their_weighted_backward(rng):
+    """TokenLogProbs: log-softmax values at the selected positions against a direct float64
+    computation, and the backward of a weighted sum against finite differences."""
+    model = tiny_llama(rng).astype(np.float64)
+    hidden = rng.standard_normal((3, 4, model.config.hidden_size))
+    targets = rng.integers(0, model.config.vocab_size, (3, 4))
+    mask = rng.random((3, 4)) < 0.6
+    weights = rng.standard_normal((3, 4))
+    logits = hidden @ model.output_embeddings().T
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = np.where(mask, np.take_along_axis(logp, targets[..., None], -1)[..., 0], 0.0)
+    lp = losses.TokenLogProbs(model, hidden, targets, mask)
+    np.testing.assert_allclose(lp.values, want, rtol=1e-10, atol=1e-12)
+    d = lp.backward(weights)
+    idx, numeric = numeric_sample(lambda: float((losses.TokenLogProbs(model, hidden, targets, mask).values
+                                                 * weights).sum()), hidden, rng=rng)
     np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
 
 

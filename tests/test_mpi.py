@@ -5,6 +5,7 @@ mpi4py and an MPI runtime (the `mpich` wheel, which brings `mpiexec`) are test e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -123,6 +124,7 @@ def test_killed_rank_ends_the_job_and_resume_finishes_it(tiny, tmp_path):
 
 
 GRADIENT = """
+import json
 import sys
 import numpy as np
 import softprompt
@@ -130,9 +132,9 @@ from softprompt import data as data_mod
 from softprompt.distributed import SingleProcess, world
 from softprompt.train import Task, TrainConfig, make_adapter, step_gradients
 softprompt.set_num_threads(1)
-folder, data_file, method, sizes = sys.argv[1:5]
+folder, data_file, method, sizes, words = sys.argv[1:6]
 model = softprompt.load_model(folder)
-task = Task(model, data_mod.load_file(data_file))
+task = Task(model, data_mod.load_file(data_file), label_words=json.loads(words))
 task.train[3] = task.train[3].__class__(**{**task.train[3].__dict__, "ids": task.train[3].ids[:-2]})  # ragged
 adapter = make_adapter(model, TrainConfig(method=method, init="random").resolved(), task.label_ids)
 micro, start = [], 0
@@ -153,16 +155,19 @@ if w.rank == 0:
 @needs_mpi
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 @pytest.mark.parametrize("sizes", ["17,16", "1,9"])
-def test_two_ranks_compute_the_one_process_gradient(tiny, method, sizes):
+@pytest.mark.parametrize("words", [None, {"negative": " w1 bad w2", "positive": " good"}], ids=["one-token", "multi"])
+def test_two_ranks_compute_the_one_process_gradient(tiny, method, sizes, words):
     """One step's gradient (two accumulated micro-batches: 17 and 16 examples, split 8+9 and 8+8,
     one shorter example; or 1 and 9, where rank 0 has no row of the first and only takes part in
     the reductions) on 2 ranks is bitwise the one-process gradient: every row's forward and
     backward is the one-process row (same padding, the global loss scale, products big enough for
     OpenBLAS's row-exact kernels), the adapter's sums over rows are float64 sums of float32 rows
     (which do not round, so their order does not matter), and the shared prompt rows' backward runs
-    on the reduced sums."""
+    on the reduced sums. With label words of several tokens the label rows that continue an
+    example run on the rank that holds it, and their share of the shared prompt's gradient joins
+    the rows' float64 sum."""
     folder, _, _, data_file = tiny
-    out = _run(["-c", GRADIENT, str(folder), str(data_file), method, sizes], ranks=2)
+    out = _run(["-c", GRADIENT, str(folder), str(data_file), method, sizes, json.dumps(words)], ranks=2)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.split("\n")
     assert float(next(x for x in lines if x.startswith("LOSS")).split()[1]) < 1e-12
@@ -242,6 +247,7 @@ def test_a_stalled_rank_ends_every_collective_with_a_message(what):
 
 
 GATHER = """
+import json
 import os
 from softprompt.distributed import world
 w = world()

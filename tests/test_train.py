@@ -313,9 +313,7 @@ def test_predict_writes_one_row_per_input_in_order(tiny, tmp_path, capsys):
     adapter = softprompt.PromptTuning.from_pretrained(out, model)
     task = softprompt.train.Task(model, data_mod.Dataset("classification", [], [], [], labels=("negative", "positive")))
     for t, p in zip(texts, preds):  # in order, each against the row scored alone
-        e = data_mod.encode_classification(model.tokenizer, data_mod.Example(text=t, label="negative"),
-                                           ["negative", "positive"], task.template)
-        logits = task.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), bool))[0].astype(np.float64)
+        logits = task.logits(adapter, [task.encode_text(t)])[0].astype(np.float64)
         want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         np.testing.assert_allclose([p["probabilities"]["negative"], p["probabilities"]["positive"]], want, rtol=1e-5)
         assert p["label"] == ("negative", "positive")[int(want.argmax())]
@@ -346,7 +344,7 @@ def test_classification_metrics_count_the_confusion_matrix(tiny, tmp_path):
     m = train(_cfg(tmp_path, max_steps=20, lr=0.1), model=model, dataset=dataset, log=lambda s: None)
     adapter = softprompt.PromptTuning.from_pretrained(tmp_path / "run", model)
     task = softprompt.train.Task(model, dataset)
-    predicted = [int(task.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), bool)).argmax()) for e in task.test]
+    predicted = [int(task.logits(adapter, [e]).argmax()) for e in task.test]
     true = [e.answer for e in task.test]
     counts = np.zeros((2, 2), int)
     for t, p in zip(true, predicted):

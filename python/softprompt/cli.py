@@ -66,6 +66,13 @@ def _train_parser(sub):
     p.add_argument("--save", choices=["best", "last"], default="best",
                    help="the adapter written: the best on validation (default) or the last")
     p.add_argument("--labels", default=None, help="comma-separated label names, in class order")
+    words = p.add_mutually_exclusive_group()
+    words.add_argument("--label-words", default=None, metavar="'LABEL=WORDS,...'",
+                       help="each label's words, scored after the templated text (any number of tokens): "
+                            "comma-separated label=words pairs, the words verbatim after the first '=' (a leading "
+                            "space included); default ' <label>'")
+    words.add_argument("--label-words-file", default=None, metavar="FILE.json",
+                       help="the same as a JSON object label -> words (for words with commas)")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap the templated input in the model's own chat template (tokenizer_config.json or GGUF)")
     p.add_argument("--template", default=None,
@@ -87,7 +94,7 @@ def _cmd_train(args):
         progress=not args.no_progress, train_file=args.train_file, validation_file=args.validation_file,
         test_file=args.test_file, text_field=args.text_field, label_field=args.label_field,
         source_field=args.source_field, target_field=args.target_field, save=args.save, template=args.template,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, label_words=_label_words(args),
     )
     comm = world()
     if args.resume:  # the saved run's settings; see _resumed_config for the flags that may change
@@ -143,10 +150,20 @@ def _resumed_config(cfg, saved, args):
     return TrainConfig(**{**saved, **changes})
 
 
+def _label_words(args):
+    if args.label_words is not None:
+        return data_mod.parse_label_words(args.label_words)
+    if args.label_words_file is not None:
+        return data_mod.read_label_words(args.label_words_file)
+    return None
+
+
 def _explicit_flags(argv):
-    """The TrainConfig fields the command line gave (--no-progress counts as progress)."""
+    """The TrainConfig fields the command line gave (--no-progress counts as progress,
+    --label-words-file as label_words)."""
     names = {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
-    return {"progress" if n == "no_progress" else n for n in names}
+    rename = {"no_progress": "progress", "label_words_file": "label_words"}
+    return {rename.get(n, n) for n in names}
 
 
 def _saved_config(run: Path):
@@ -194,7 +211,7 @@ def _cmd_eval(args):
     else:  # a split of --data's fixed cut, or of the default data
         dataset = data_mod.load_file(args.data, labels, fields) if args.data else data_mod.rotten_tomatoes()
         split_name = args.split or "test"
-    task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
+    task = _task(model, dataset, adapter, info)
     split = task.test if split_name == "data" else {"test": task.test, "validation": task.validation,
                                                      "train": task.train}[split_name]
     value = task.evaluate(adapter, split, limit=args.max_eval)
@@ -208,7 +225,7 @@ def _cmd_generate(args):
     if info.get("kind") == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset("classification", [], [], [], labels=tuple(labels))
-        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
+        task = _task(model, dataset, adapter, info)
         print(task.predict(adapter, args.text))
         return 0
     template = _generation_template(model, info)
@@ -239,19 +256,15 @@ def _cmd_predict(args):
     if kind == "classification":
         labels = info["labels"]
         dataset = data_mod.Dataset(kind, [], [], [], labels=tuple(labels))
-        task = Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False))
-        enc = [data_mod.encode_classification(model.tokenizer, data_mod.Example(text=e.text, label=labels[0]), labels,
-                                              task.encoding_template, task.max_tokens,
-                                              add_special_tokens=task.uses_head)
-               for e in examples]
+        task = _task(model, dataset, adapter, info)
+        enc = [task.encode_text(e.text) for e in examples]
         for b0 in range(0, len(enc), args.batch_size):
-            ids, mask = data_mod.pad_batch(enc[b0:b0 + args.batch_size])
-            logits = task.logits(adapter, ids, mask).astype(np.float64)
+            logits = task.logits(adapter, enc[b0:b0 + args.batch_size]).astype(np.float64)
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             rows += [{"label": labels[int(row.argmax())], "probabilities": dict(zip(labels, map(float, row)))}
                      for row in p]
-            bar.update(len(ids))
+            bar.update(len(logits))
     else:
         template = _generation_template(model, info)
         eos = model.config.eos_token_id
@@ -268,6 +281,12 @@ def _cmd_predict(args):
     _atomic_write(Path(args.output), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(f"{len(rows)} predictions in {args.output}", file=sys.stderr)
     return 0
+
+
+def _task(model, dataset, adapter, info):
+    """The Task of a saved run (softprompt.json): its template, chat template and label words."""
+    return Task(model, dataset, info.get("template"), adapter.num_virtual_tokens, info.get("chat_template", False),
+                label_words=info.get("label_words"))
 
 
 def _generation_template(model, info):

@@ -1,7 +1,7 @@
 """Data sets and batching.
 
 Two kinds of example:
-- classification: `text` + `label` (a label word is scored at the answer position of a template);
+- classification: `text` + `label` (each label's words are scored after a template around the text);
 - generation: `source` + `target` (the loss covers the target tokens only).
 
 Files: JSONL (one object per line) or CSV (a header row) with those fields. A bad file gets a
@@ -207,6 +207,7 @@ class Encoded:
     ids: list
     loss_from: int  # first position whose next token is a target (generation) / answer position
     answer: int | None = None
+    label_tokens: tuple = ()  # classification with a causal model: each label's tokens after ids
 
 
 GENERATION_TEMPLATE = "{source}"
@@ -246,15 +247,108 @@ def render_chat(chat, template):
         raise ValueError(f"chat_template: the model's template does not render ({exc})") from None
 
 
-def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512, add_special_tokens=False):
+def encode_classification(tokenizer, example, labels, template=TEMPLATE, max_tokens=512, add_special_tokens=False,
+                          label_words=None):
     """The template around the text; the answer is read at the last token. add_special_tokens: the
-    tokenizer's own (BERT's [CLS] ... [SEP], which its pooler and classification head read)."""
-    ids = tokenizer.encode(template.replace("{text}", example.text), add_special_tokens=add_special_tokens).ids
+    tokenizer's own (BERT's [CLS] ... [SEP], which its pooler and classification head read).
+
+    label_words (causal models): one string per label, in label order. Each is tokenized together
+    with the templated text, so a merge across the boundary is honoured: `ids` is the longest
+    start that every "input + words" shares with the input alone, and each label's tokens
+    (`label_tokens`) are the rest of its "input + words". A very long text loses words from its end
+    until the input and the longest label fit in max_tokens."""
     words = example.text.split()
-    while len(ids) > max_tokens and words:  # a very long text loses words from its end
+    text = example.text
+    while True:
+        prompt = template.replace("{text}", text)
+        ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+        conts = ()
+        if label_words:
+            ids, conts = _split_label_tokens(tokenizer, prompt, ids, label_words, labels)
+        if len(ids) + max((len(c) for c in conts), default=1) - 1 <= max_tokens or not words:
+            break
         words = words[: len(words) * 3 // 4]
-        ids = tokenizer.encode(template.replace("{text}", " ".join(words)), add_special_tokens=add_special_tokens).ids
-    return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label))
+        text = " ".join(words)
+    return Encoded(ids=ids, loss_from=len(ids) - 1, answer=labels.index(example.label), label_tokens=conts)
+
+
+def _split_label_tokens(tokenizer, prompt, ids, label_words, labels):
+    """-> (shared input ids, per-label token tuples); see encode_classification."""
+    full = [tokenizer.encode(prompt + w, add_special_tokens=False).ids for w in label_words]
+    shared = min(_common_start(ids, f) for f in full)
+    conts = tuple(tuple(f[shared:]) for f in full)
+    if shared == 0:
+        raise ValueError(f"label_words: tokenized after {prompt!r} they merge with its first token; the template "
+                         "needs text before the label words")
+    for name, c in zip(labels, conts):
+        if not c:
+            raise ValueError(f"label_words: {name!r}'s words add no token after {prompt[-40:]!r}")
+    if len(set(conts)) < len(conts):
+        same = [n for n, c in zip(labels, conts) if conts.count(c) > 1]
+        raise ValueError(f"label_words: labels {same} get the same tokens after {prompt[-40:]!r}")
+    return ids[:shared], conts
+
+
+def _common_start(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def parse_label_words(text):
+    """--label-words 'label=words,label=words' -> {label: words}: comma-separated pairs, the words
+    taken verbatim after the first '=' (a leading space included). Words that contain a comma
+    need --label-words-file."""
+    out = {}
+    for n, pair in enumerate(text.split(","), 1):
+        if "=" not in pair:
+            raise ValueError(f"label_words: pair {n} ({pair!r}) is not label=words")
+        label, words = pair.split("=", 1)
+        label = label.strip()
+        if label in out:
+            raise ValueError(f"label_words: label {label!r} given twice")
+        out[label] = words
+    return out
+
+
+def read_label_words(path):
+    """--label-words-file: a JSON object {label: words} -> dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"label_words_file: {str(path)!r} does not exist")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"label_words_file: {str(path)!r} is not a JSON file ({exc})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+        raise ValueError(f"label_words_file: {str(path)!r}: expected a JSON object of label -> words (strings)")
+    return obj
+
+
+def label_words_for(tokenizer, labels, label_words=None):
+    """The words of each label in class order (default " <label>"), checked: every label has words,
+    no words for an unknown label, none that tokenize to nothing alone, no two labels the same
+    tokens alone. -> tuple of K strings."""
+    if label_words is None:
+        label_words = {name: " " + name for name in labels}
+    unknown = sorted(set(label_words) - set(labels))
+    missing = [n for n in labels if n not in label_words]
+    if unknown or missing:
+        raise ValueError(f"label_words: expected words for exactly the labels {list(labels)}"
+                         + (f"; none for {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
+    words = tuple(label_words[n] for n in labels)
+    alone = [tuple(tokenizer.encode(w, add_special_tokens=False).ids) for w in words]
+    for n, w, ids in zip(labels, words, alone):
+        if not ids:
+            raise ValueError(f"label_words: {n!r}'s words {w!r} tokenize to nothing")
+    for a in range(len(labels)):
+        for b in range(a):
+            if alone[a] == alone[b]:
+                raise ValueError(f"label_words: {labels[b]!r} and {labels[a]!r} have the same tokens {list(alone[a])}")
+    return words
 
 
 def encode_generation(tokenizer, example, eos_id=None, max_tokens=512, template=GENERATION_TEMPLATE):
@@ -263,17 +357,6 @@ def encode_generation(tokenizer, example, eos_id=None, max_tokens=512, template=
     tgt = tokenizer.encode(example.target, add_special_tokens=False).ids + ([eos_id] if eos_id is not None else [])
     ids = (src + tgt)[-max_tokens:]
     return Encoded(ids=ids, loss_from=max(len(ids) - len(tgt) - 1, 0))
-
-
-def label_word_ids(tokenizer, labels):
-    """The single token of " <label>" for each label name; a clear error if one splits."""
-    out = []
-    for name in labels:
-        ids = tokenizer.encode(" " + name, add_special_tokens=False).ids
-        if len(ids) != 1:
-            raise ValueError(f"labels: ' {name}' is {len(ids)} tokens for this tokenizer; label words must be one token")
-        out.append(ids[0])
-    return out
 
 
 def pad_batch(items, pad_id=0, length=None):

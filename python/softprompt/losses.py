@@ -2,8 +2,9 @@
 
 - `lm_loss`: causal-LM cross-entropy over a masked subset of target tokens; logits are computed only
   for the selected positions (full vocabulary there, nowhere else).
-- `label_word_loss`: verbalizer classification: the logits of the label words only, at one answer
-  position per row (never the full vocabulary).
+- `label_word_logits` (+ backward): the label words' first tokens' logits at one answer position per
+  row (never the full vocabulary); `TokenLogProbs`: full-vocabulary log-probabilities of the label
+  tokens after the first (rank classification, see train.Task).
 - `ClassificationHead`: a linear layer on BERT's pooled output, trained with the adapter.
 The full-vocabulary softmax cross-entropy is fused in the C++ core (`ops.softmax_cross_entropy`).
 """
@@ -79,21 +80,52 @@ def _rowwise(a, b):
 
 
 def label_word_logits(model, hidden, positions, label_ids):
-    """hidden [B, T, C], positions [B] (the answer position of each row), label_ids [K] -> [B, K]."""
+    """hidden [B, T, C], positions [B] (the answer position of each row), label_ids [K] (or [B, K],
+    one set per row) -> [B, K]."""
     h = hidden[np.arange(hidden.shape[0]), positions]
-    return _rowwise(h, model.output_embeddings()[np.asarray(label_ids)].T)
+    label_ids = np.asarray(label_ids)
+    if label_ids.ndim == 2:
+        return np.einsum("bc,bkc->bk", h, model.output_embeddings()[label_ids])
+    return _rowwise(h, model.output_embeddings()[label_ids].T)
 
 
-def label_word_loss(model, hidden, positions, label_ids, labels, total=None):
-    """Cross-entropy over the K label words at each row's answer position.
-    labels [B] in [0, K). total: as in cross_entropy. -> (loss, dhidden [B, T, C], logits [B, K])."""
-    w = model.output_embeddings()[np.asarray(label_ids)]  # [K, C]
-    rows = np.arange(hidden.shape[0])
-    logits = _rowwise(hidden[rows, positions], w.T)
-    loss, dlogits = cross_entropy(logits, np.asarray(labels), total)
-    dhidden = np.zeros_like(hidden)
-    dhidden[rows, positions] = _rowwise(dlogits, w)
-    return loss, dhidden, logits
+def label_word_logits_backward(model, dlogits, hidden_shape, positions, label_ids):
+    """label_word_logits' backward: dlogits [B, K] -> dhidden [B, T, C] (zero off the answer positions)."""
+    w = model.output_embeddings()
+    label_ids = np.asarray(label_ids)
+    dhidden = np.zeros(hidden_shape, dtype=w.dtype)
+    rows = np.arange(hidden_shape[0])
+    if label_ids.ndim == 2:
+        dhidden[rows, positions] = np.einsum("bk,bkc->bc", dlogits.astype(w.dtype), w[label_ids])
+    else:
+        dhidden[rows, positions] = _rowwise(dlogits.astype(w.dtype), w[label_ids])
+    return dhidden
+
+
+class TokenLogProbs:
+    """log p(targets) under the full vocabulary at selected positions of hidden states, with the
+    backward of any weighted sum of them (rank classification: the label tokens after the first).
+
+    hidden [R, T, C], targets [R, T] int, mask [R, T] bool. `.values` [R, T] float64 (0 where not
+    selected). The selected rows' softmax - onehot (d(-log p)/d logits) is kept, [n, V] in the
+    model's dtype, for `backward`: n is small here (label tokens), so no chunking."""
+
+    def __init__(self, model, hidden, targets, mask):
+        self.model, self.shape = model, hidden.shape
+        self.rows = np.flatnonzero(np.asarray(mask, dtype=bool))
+        w = model.output_embeddings()
+        h = hidden.reshape(-1, hidden.shape[-1])[self.rows]
+        self.grad = nn.linear(h, w)  # [n, V] logits, then softmax - onehot in place
+        nll = ops.softmax_cross_entropy(self.grad, np.asarray(targets).reshape(-1)[self.rows], 1.0)
+        self.values = np.zeros(hidden.shape[:2])
+        self.values.reshape(-1)[self.rows] = -nll
+
+    def backward(self, dvalues):
+        """dvalues [R, T] (d loss / d values) -> dhidden [R, T, C]."""
+        g = self.grad * (-np.asarray(dvalues).reshape(-1)[self.rows])[:, None].astype(self.grad.dtype)
+        dh = np.zeros((self.shape[0] * self.shape[1], self.shape[2]), dtype=self.grad.dtype)
+        dh[self.rows] = nn.linear_backward(g, self.model.output_embeddings())
+        return dh.reshape(self.shape)
 
 
 class ClassificationHead:

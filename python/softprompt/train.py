@@ -23,6 +23,7 @@ import numpy as np
 from . import data as data_mod
 from . import losses
 from .adapters import PrefixProjection, PrefixTuning, PromptTuning, _atomic_write, _task_type
+from .models.base import Continuation, PastKeys
 
 # Defaults per method, chosen by experiment on the default job (see README).
 # With --prefix-projection every Adam step moves the prefix through a 256-wide MLP: the same 5e-3
@@ -67,6 +68,7 @@ class TrainConfig:
     source_field: str = "source"
     target_field: str = "target"
     labels: list | None = None
+    label_words: dict | None = None  # label -> words scored after the templated text; None: " <label>"
     chat_template: bool = False  # wrap the templated input in the model's own chat template
     template: str | None = None  # with {text} (classification) or {source} (generation); None: the default
     save: str = "best"  # the adapter written: the best on validation ("best") or the last ("last")
@@ -93,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"save: expected 'best' or 'last', got {c.save!r}")
         if c.data and c.train_file:
             raise ValueError("data: give --data (one file, split) or --train-file (separate files), not both")
+        if c.label_words is not None and (not isinstance(c.label_words, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in c.label_words.items())):
+            raise ValueError(f"label_words: expected a dict of label -> words (strings), got {c.label_words!r}")
         if (c.validation_file or c.test_file) and not c.train_file:
             raise ValueError("validation_file, test_file: need --train-file")
         return c
@@ -174,7 +179,7 @@ class Task:
     is the adapter's .head, see make_adapter), and the input gets the tokenizer's special tokens
     ([CLS] first, which the pooler reads), as PEFT's users tokenize for BertForSequenceClassification."""
 
-    def __init__(self, model, dataset, template=None, num_virtual_tokens=0, chat_template=False):
+    def __init__(self, model, dataset, template=None, num_virtual_tokens=0, chat_template=False, label_words=None):
         self.template = template = data_mod.check_template(template, dataset.kind)
         self.chat_template = bool(chat_template)
         if chat_template:  # the model's chat template around the task template (the placeholder passes)
@@ -199,12 +204,17 @@ class Task:
         self.uses_head = self.kind == "classification" and not model.config.causal
         if self.kind == "generation" and not model.config.causal:
             raise ValueError("data: generation (source/target) needs a causal model, not an encoder")
+        self.label_words = ()
+        if label_words is not None and (self.kind != "classification" or self.uses_head):
+            raise ValueError("label_words: only for classification with a causal model (an encoder trains a "
+                             "classification head)")
         if self.kind == "classification":
             self.labels = list(dataset.labels)
-            self.label_ids = [] if self.uses_head else data_mod.label_word_ids(tok, self.labels)
-            special = self.uses_head
-            enc = lambda e: data_mod.encode_classification(tok, e, self.labels, template, max_tokens,  # noqa: E731
-                                                           add_special_tokens=special)
+            if not self.uses_head:
+                self.label_words = data_mod.label_words_for(tok, self.labels, label_words)
+            # The words' own tokens, in label order: the prompt's "labels" init.
+            self.label_ids = [t for w in self.label_words for t in tok.encode(w, add_special_tokens=False).ids]
+            enc = self.encode
         else:
             self.labels, self.label_ids = [], []
             eos = model.config.eos_token_id
@@ -212,6 +222,20 @@ class Task:
         self.train = [enc(e) for e in dataset.train]
         self.validation = [enc(e) for e in dataset.validation]
         self.test = [enc(e) for e in dataset.test]
+        # Label tokens after the first, padded to the training set's longest: a row's continuation
+        # then has the same shape whatever batch or process it falls in.
+        self.continuation_length = max((len(c) - 1 for e in self.train for c in e.label_tokens), default=0)
+        self.windowed = any(model.attention_window(i) for i in range(model.config.num_layers))
+
+    def encode(self, example):
+        """An Example (classification) -> Encoded: the templated text, and each label's tokens after it."""
+        return data_mod.encode_classification(self.model.tokenizer, example, self.labels, self.encoding_template,
+                                              self.max_tokens, add_special_tokens=self.uses_head,
+                                              label_words=self.label_words)
+
+    def encode_text(self, text):
+        """encode for a text without a label (predictions)."""
+        return self.encode(data_mod.Example(text=text, label=self.labels[0]))
 
     def loss_and_grads(self, adapter, batch, length=None, total=None, prompt_sum=None, raw=False):
         """-> (loss, {param: grad}, tokens, weight) for a list of Encoded; the loss is a mean over
@@ -223,19 +247,85 @@ class Task:
         ids, mask = data_mod.pad_batch(batch, length=length)
         if self.uses_head:
             return self._head_loss_and_grads(adapter, batch, ids, mask, total, raw)
-        hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
         if self.kind == "classification":
-            pos = mask.sum(1) - 1
-            labels = np.array([e.answer for e in batch])
-            loss, dh, _ = losses.label_word_loss(self.model, hidden, pos, self.label_ids, labels, total)
+            scores, state = self._label_scores(adapter, batch, ids, mask, keep_cache=True)
+            loss, dscores = losses.cross_entropy(scores, np.array([e.answer for e in batch]), total)
+            grads = self._label_scores_backward(dscores, state, prompt_sum)
             weight = len(batch)
         else:
+            hidden, cache = self.model.forward(ids, mask, adapter=adapter, keep_cache=True)
             targets, loss_mask = _next_token_targets(ids, mask, batch)
             loss, dh = losses.lm_loss(self.model, hidden, targets, loss_mask, total)
             weight = int(loss_mask.sum())
-        grads = self.model.backward(dh, cache, prompt_sum)
+            grads = self.model.backward(dh, cache, prompt_sum)
         grads = {k: grads[k] for k in ("prompt", "prefix") if k in grads} if raw else adapter.gradients(grads)
         return loss, grads, int(mask.sum()), weight
+
+    # Rank classification: label k's score is the summed log-probability of its tokens t_1..t_n
+    # after the input, less log Z of the first token's distribution, which every label shares, so
+    # neither the ranking nor the softmax over labels changes (one-token labels: the label words'
+    # logits, the verbalizer). The input runs once; the tokens t_1..t_{n-1} of every label with
+    # more than one run as a second, short batch of rows that continue their example's sequence
+    # (models.base.Continuation) and attend to its keys, so the cost is one forward plus the label
+    # tokens, not one forward per label.
+    def _label_scores(self, adapter, batch, ids, mask, keep_cache=False):
+        """-> scores [B, K] (float64), and the state _label_scores_backward reads."""
+        first = np.array([[c[0] for c in e.label_tokens] for e in batch])  # [B, K]
+        if (first == first[:1]).all():
+            first = first[0]  # one set of first tokens for every row: the [K] path
+        cont = self._continuation_rows(batch)
+        keys = PastKeys() if cont is not None else None
+        out = self.model.forward(ids, mask, adapter=adapter, keep_cache=keep_cache, keys=keys)
+        hidden, cache = out if keep_cache else (out, None)
+        pos = mask.sum(1) - 1
+        scores = losses.label_word_logits(self.model, hidden, pos, first).astype(np.float64)
+        parts = []
+        if cont is not None:
+            example, label, cont_ids, targets, cont_mask = cont
+            lengths = np.array([len(keys.slots[b]) for b in example])
+            # Under a sliding window a query counts key slots, so rows whose pasts differ in
+            # length run apart (none padded); otherwise all together, padded to one width.
+            groups = [lengths == n for n in np.unique(lengths)] if self.windowed else [np.ones(len(example), bool)]
+            for sel in groups:
+                past = Continuation.of(keys, example[sel], int(lengths[sel][0]) if self.windowed else None)
+                out = self.model.forward(cont_ids[sel], cont_mask[sel], adapter=adapter, past=past,
+                                         keep_cache=keep_cache)
+                h, c = out if keep_cache else (out, None)
+                logp = losses.TokenLogProbs(self.model, h, targets[sel], cont_mask[sel])
+                np.add.at(scores, (example[sel], label[sel]), logp.values.sum(axis=1))
+                parts.append((sel, c, logp))
+        return scores, (hidden.shape, cache, pos, first, cont, parts)
+
+    def _label_scores_backward(self, dscores, state, prompt_sum=None):
+        """The model's gradients (backward's dict) given d loss / d scores [B, K]."""
+        shape, cache, pos, first, cont, parts = state
+        extra = None  # the continuation rows' prefix gradient (their prompt gradient flows through the keys)
+        for sel, c, logp in parts:  # before the input's backward: they add to its keys' gradient
+            example, label = cont[0][sel], cont[1][sel]
+            d = np.broadcast_to(dscores[example, label][:, None], logp.values.shape)
+            g = self.model.backward(logp.backward(d), c)
+            if "prefix" in g:
+                extra = g["prefix"] if extra is None else extra + g["prefix"]
+        dh = losses.label_word_logits_backward(self.model, dscores, shape, pos, first)
+        grads = self.model.backward(dh, cache, prompt_sum)
+        if extra is not None:
+            grads["prefix"] = grads["prefix"] + extra
+        return grads
+
+    def _continuation_rows(self, batch):
+        """The label tokens after the first, as rows: -> (example [R], label [R], ids [R, E],
+        targets [R, E], mask [R, E]), or None when every label here is one token."""
+        pairs = [(b, k) for b, e in enumerate(batch) for k, c in enumerate(e.label_tokens) if len(c) > 1]
+        if not pairs:
+            return None
+        E = max(self.continuation_length, max(len(batch[b].label_tokens[k]) - 1 for b, k in pairs))
+        ids, targets = np.zeros((len(pairs), E), dtype=np.int64), np.zeros((len(pairs), E), dtype=np.int64)
+        mask = np.zeros((len(pairs), E), dtype=bool)
+        for r, (b, k) in enumerate(pairs):
+            c = batch[b].label_tokens[k]
+            ids[r, :len(c) - 1], targets[r, :len(c) - 1], mask[r, :len(c) - 1] = c[:-1], c[1:], True
+        example, label = (np.array(x) for x in zip(*pairs))
+        return example, label, ids, targets, mask
 
     def _head_loss_and_grads(self, adapter, batch, ids, mask, total, raw):
         """loss_and_grads through the adapter's classification head on the pooled output."""
@@ -247,14 +337,15 @@ class Task:
         grads = {**{k: grads[k] for k in ("prompt", "prefix") if k in grads}, **head_grads}
         return loss, grads if raw else adapter.gradients(grads), int(mask.sum()), len(batch)
 
-    def logits(self, adapter, ids, mask, head=None):
-        """Classification logits [B, K] of a padded batch: the label words at the last real token,
-        or (uses_head) the head on the pooled output (head: the adapter's, or this one)."""
+    def logits(self, adapter, batch, head=None):
+        """Classification scores [B, K] of a list of Encoded (see encode): each label's rank-
+        classification score (see _label_scores; their softmax is the label probabilities), or
+        (uses_head) the head's logits on the pooled output (head: the adapter's, or this one)."""
+        ids, mask = data_mod.pad_batch(batch)
         if self.uses_head:
             hidden = self.model.forward(ids, mask, adapter=adapter, keep_virtual=True)
             return _head(adapter, head).logits(self.model.pooled(hidden)[0])
-        hidden = self.model.forward(ids, mask, adapter=adapter)
-        return losses.label_word_logits(self.model, hidden, mask.sum(1) - 1, self.label_ids)
+        return self._label_scores(adapter, batch, ids, mask)[0]
 
     def max_target_tokens(self):
         """The longest training target in tokens (generation; 0 for classification)."""
@@ -284,11 +375,11 @@ class Task:
         confusion, loss_sum, targets = np.zeros((K, K)), 0.0, 0
         for b0 in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[b0:b0 + batch_size]]
-            ids, mask = data_mod.pad_batch(batch)
             if self.kind == "classification":
-                predicted = self.logits(adapter, ids, mask, head).argmax(1)
+                predicted = self.logits(adapter, batch, head).argmax(1)
                 np.add.at(confusion, (np.array([e.answer for e in batch]), predicted), 1)
             else:  # a sum over target tokens, whatever batches they fall in
+                ids, mask = data_mod.pad_batch(batch)
                 hidden = self.model.forward(ids, mask, adapter=adapter)
                 target_ids, loss_mask = _next_token_targets(ids, mask, batch)
                 if loss_mask.any():
@@ -323,11 +414,7 @@ class Task:
 
     def predict(self, adapter, text):
         """The label (classification) for one text."""
-        e = data_mod.encode_classification(self.model.tokenizer, data_mod.Example(text=text, label=self.labels[0]),
-                                           self.labels, self.encoding_template, self.max_tokens,
-                                           add_special_tokens=self.uses_head)
-        logits = self.logits(adapter, np.array([e.ids]), np.ones((1, len(e.ids)), dtype=bool))
-        return self.labels[int(logits.argmax())]
+        return self.labels[int(self.logits(adapter, [self.encode_text(text)]).argmax())]
 
 
 def _head(adapter, head=None):
@@ -501,7 +588,7 @@ def _setup(cfg, model, dataset, log, comm):
         if dataset is None:
             dataset = _dataset(cfg)
         task = Task(model, dataset, cfg.template, num_virtual_tokens=cfg.num_virtual_tokens,
-                    chat_template=cfg.chat_template)
+                    chat_template=cfg.chat_template, label_words=cfg.label_words)
     except (OSError, ValueError, KeyError) as exc:
         error = exc
     comm.agree(error)
@@ -646,7 +733,8 @@ def _finish(run):
     if comm.rank == 0:
         run.adapter.save_pretrained(out)
         task_info = {"kind": task.kind, "template": task.template, "labels": task.labels,
-                     "label_ids": task.label_ids, "method": cfg.method, "model": cfg.model,
+                     "label_words": dict(zip(task.labels, task.label_words)) if task.label_words else None,
+                     "method": cfg.method, "model": cfg.model,
                      "fields": dataclasses.asdict(cfg.fields()), "max_target_tokens": task.max_target_tokens(),
                      "chat_template": task.chat_template}
         _atomic_write(out / "softprompt.json", lambda tmp: Path(tmp).write_text(json.dumps(task_info, indent=2)))

@@ -114,6 +114,68 @@ class PackedPrompt:
 
 
 @dataclass
+class PastKeys:
+    """Every layer's keys and values of one forward, kept for a later forward whose rows continue
+    its sequences (rank classification: each label's tokens after its example's input, which runs
+    once for all labels). Filled by `forward(..., keys=PastKeys())`; the later forward's backward
+    adds what its rows give these keys to `grads`, which this forward's backward then reads, so it
+    must run after that one."""
+
+    layers: dict = field(default_factory=dict)  # layer -> (k, v) [N, Hkv, D]: the layer's rows, flattened
+    slots: list = field(default_factory=list)  # per sequence: int [n] the flat rows of its real keys, in order
+    next_position: np.ndarray | None = None  # int [B]: the position after each sequence's last real token
+    width: int = 0  # key slots of one sequence in that forward (virtual tokens included)
+    grads: dict = field(default_factory=dict)  # layer -> (dk, dv) float64 [N, Hkv, D]
+
+
+@dataclass
+class Continuation:
+    """A forward whose row r continues sequence rows[r] of an earlier forward (PastKeys): its queries
+    see that sequence's real keys (gathered left-padded into `index` [R, S]), then its own tokens,
+    causally, and the adapter's prefix if any; a prompt is already among the past keys."""
+
+    past: PastKeys
+    rows: np.ndarray  # int [R]
+    index: np.ndarray  # int [R, S]: flat rows of the past keys (0 where padded)
+    index_mask: np.ndarray  # bool [R, S]
+
+    @classmethod
+    def of(cls, past, rows, width=None):
+        """Row r continues sequence rows[r]; its past keys are left-padded to `width` slots (default
+        the earlier forward's: then a row computes the same whatever rows come with it)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        S = past.width if width is None else width
+        index = np.zeros((len(rows), S), dtype=np.int64)
+        index_mask = np.zeros((len(rows), S), dtype=bool)
+        for r, b in enumerate(rows):
+            s = past.slots[b]
+            if len(s) > S:
+                raise ValueError(f"width: sequence {b} has {len(s)} past keys, more than {S}")
+            index[r, S - len(s):] = s
+            index_mask[r, S - len(s):] = True
+        return cls(past, rows, index, index_mask)
+
+    def keys(self, i, k, v, mask):
+        """Layer i's past keys and values before the rows' own: k, v [R, T, Hkv, D], mask [R, T] or
+        None -> k, v [R, S + T, Hkv, D], key mask [R, S + T]."""
+        pk, pv = self.past.layers[i]
+        R, T = k.shape[:2]
+        own = np.ones((R, T), dtype=bool) if mask is None else mask
+        return (np.concatenate([pk[self.index], k], axis=1), np.concatenate([pv[self.index], v], axis=1),
+                np.concatenate([self.index_mask, own], axis=1))
+
+    def add_grads(self, i, dk, dv):
+        """Adds dk, dv [R, S, Hkv, D] (the past part of the keys' gradient) to the past's grads."""
+        pk = self.past.layers[i][0]
+        if i not in self.past.grads:
+            self.past.grads[i] = (np.zeros(pk.shape, dtype=np.float64), np.zeros(pk.shape, dtype=np.float64))
+        gk, gv = self.past.grads[i]
+        sel = self.index_mask
+        np.add.at(gk, self.index[sel], dk[sel])  # in row order: the same sums whatever the split
+        np.add.at(gv, self.index[sel], dv[sel])
+
+
+@dataclass
 class Context:
     """What every layer of one forward pass shares."""
 
@@ -124,6 +186,8 @@ class Context:
     token_type_ids: np.ndarray | None = None  # int [B, L] (BERT; None = all type 0)
     kv_cache: KVCache | None = None  # generation: keys and values are appended here
     packed: PackedPrompt | None = None  # shared prompt rows: attention tells prompt and batch apart
+    keys: PastKeys | None = None  # record every layer's keys and values here (a later Continuation's past)
+    past: Continuation | None = None  # these rows continue an earlier forward's sequences
 
 
 @dataclass
@@ -272,9 +336,15 @@ class Transformer:
         """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D].
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
+        if ctx.keys is not None:  # flat views of the rows the layer saw (packed: prompt rows first)
+            ctx.keys.layers[i] = (k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
         if ctx.packed is not None:
             return self._packed_attention(q, k, v, ctx.packed, self.attention_window(i), self.attention_scale(i))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        if ctx.past is not None:
+            k, v, mask = ctx.past.keys(i, k, v, ctx.key_mask)
+            return ops.prefix_attention_forward(q, k, v, pk, pv, causal=True, key_padding_mask=mask,
+                                                window=self.attention_window(i), scale=self.attention_scale(i))
         if ctx.kv_cache is not None:
             cached = ctx.kv_cache.layers
             if i in cached:
@@ -286,12 +356,25 @@ class Transformer:
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
+        later = None if ctx.keys is None else ctx.keys.grads.get(i)  # what a Continuation gave these keys
         if ctx.packed is not None:
             return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed, self.attention_window(i),
-                                                   self.attention_scale(i))
+                                                   self.attention_scale(i), later)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask,
-                                        self.attention_window(i), self.attention_scale(i))
+        window, scale = self.attention_window(i), self.attention_scale(i)
+        if ctx.past is not None:
+            T = k.shape[1]
+            k, v, mask = ctx.past.keys(i, k, v, ctx.key_mask)
+            dq, dk, dv, dpk, dpv = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, True, mask, window, scale)
+            S = k.shape[1] - T
+            ctx.past.add_grads(i, dk[:, :S], dv[:, :S])
+            return dq, np.ascontiguousarray(dk[:, S:]), np.ascontiguousarray(dv[:, S:]), dpk, dpv
+        dq, dk, dv, dpk, dpv = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal,
+                                                        ctx.key_mask, window, scale)
+        if later is not None:
+            dk += later[0].reshape(dk.shape).astype(dk.dtype)
+            dv += later[1].reshape(dv.shape).astype(dv.dtype)
+        return dq, dk, dv, dpk, dpv
 
     # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
     # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
@@ -312,7 +395,9 @@ class Transformer:
         out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
         return out, (lse_p, lse_b)
 
-    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window, scale):
+    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window, scale, later=None):
+        """later: (dk, dv) [P + B*T, Hkv, D] float64 that a Continuation's rows gave these keys; the
+        prompt's part joins the batch's sum over processes."""
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
         empty = kp[0, :0]
@@ -324,6 +409,10 @@ class Transformer:
             dpk = dpv = np.zeros(kp.shape[1:], dtype=np.float64)
         dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True,
                                                                window=window, scale=scale)
+        if later is not None and B:
+            dpk, dpv = dpk + later[0][:P], dpv + later[1][:P]
+            dk_b += later[0][P:].reshape(dk_b.shape).astype(dk_b.dtype)
+            dv_b += later[1][P:].reshape(dv_b.shape).astype(dv_b.dtype)
         if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
             dpk, dpv = np.split(packed.prompt_sum(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
         dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
@@ -342,7 +431,7 @@ class Transformer:
         return ctx.prefix[i, 0], ctx.prefix[i, 1]
 
     def forward(self, input_ids, attention_mask=None, *, adapter=None, inputs_embeds=None, token_type_ids=None,
-                keep_cache=False, keep_virtual=False):
+                keep_cache=False, keep_virtual=False, keys=None, past=None):
         """Hidden states after the final norm for the T input tokens.
 
         input_ids [B, T] (or inputs_embeds [B, T, C] instead), attention_mask [B, T] (1 = real
@@ -352,7 +441,15 @@ class Transformer:
         first), and with keep_cache the ForwardCache for `backward`.
         Where `shares_prompt_rows(adapter)`, inputs_embeds may hold B = 0 rows: the prompt's rows
         alone (a data-parallel process without rows of its own; see `backward`).
+        keys: a PastKeys this forward fills (causal models) for a later forward's `past`.
+        past: a Continuation: row r of this batch continues sequence past.rows[r] of the forward
+        that filled past.past (same adapter); its positions follow that sequence's, it sees that
+        sequence's keys, and its backward adds their gradient to past.past.grads.
         """
+        if (keys is not None or past is not None) and not self.config.causal:
+            raise ValueError("keys, past: continuations need a causal model")
+        if past is not None:
+            return self._forward_continuation(input_ids, attention_mask, adapter, past, keep_cache)
         shared = token_type_ids is None and self.shares_prompt_rows(adapter)
         if inputs_embeds is None:
             x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
@@ -361,8 +458,13 @@ class Transformer:
         B, T = x.shape[:2]
         mask = _as_mask(attention_mask, (B, T))
         if shared:
-            return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual)
+            return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual, keys)
         kind, P, x, ctx = self.inject(adapter, x, mask)
+        if keys is not None:
+            full = np.ones(x.shape[:2], dtype=bool) if ctx.key_mask is None else ctx.key_mask
+            L = x.shape[1]
+            _record_sequences(keys, [b * L + np.flatnonzero(full[b]) for b in range(B)], ctx.positions, full, L)
+            ctx.keys = keys
         if token_type_ids is not None:
             types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
             if kind == "prompt":
@@ -375,7 +477,25 @@ class Transformer:
             return h
         return h, ForwardCache(ctx, kind, P, x.shape[1], embed_cache, caches, final_cache)
 
-    def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual):
+    def _forward_continuation(self, input_ids, attention_mask, adapter, past, keep_cache):
+        """forward's `past` path: the rows' own tokens after their past keys (see Continuation)."""
+        if not isinstance(past, Continuation):
+            raise TypeError(f"past: expected a Continuation, got {type(past).__name__}")
+        x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
+        R, T = x.shape[:2]
+        if len(past.rows) != R:
+            raise ValueError(f"past: expected {R} rows like input_ids, got {len(past.rows)}")
+        mask = _as_mask(attention_mask, (R, T))
+        kind, P, _, prefix = _adapter_parts(adapter, self, x.dtype)  # a prompt is among the past keys
+        pos = past.past.next_position[past.rows][:, None] + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix, past=past)
+        h, embed_cache, caches, final_cache = self.run(x, ctx, keep_cache)
+        if not keep_cache:
+            return h
+        kind = "prefix" if kind == "prefix" else None
+        return h, ForwardCache(ctx, kind, P if kind else 0, T, embed_cache, caches, final_cache)
+
+    def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual, keys=None):
         """forward for prompt tuning of a causal model (see share_prompt_rows): the prompt's rows and
         the batch's rows packed as one sequence [1, P + B*T, C], so every row-wise layer (norms,
         projections, MLP) runs once over all of them; only attention tells them apart."""
@@ -386,6 +506,10 @@ class Transformer:
         packed = PackedPrompt(P, B, T, None if mask.all() else mask)
         ctx = Context(positions=np.concatenate([np.arange(P), pos.reshape(-1)])[None], key_mask=None, prefix=None,
                       packed=packed)
+        if keys is not None:  # a sequence's keys: the prompt's rows, then its own real rows
+            _record_sequences(keys, [np.concatenate([np.arange(P), P + b * T + np.flatnonzero(mask[b])])
+                                     for b in range(B)], pos, mask, P + T)
+            ctx.keys = keys
         h, embed_cache, caches, final_cache = self.run(rows, ctx, keep_cache)
         out = h[0, P:].reshape(B, T, C)
         if keep_virtual:
@@ -543,6 +667,13 @@ class Transformer:
         for name, value in list(self.__dict__.items()):
             if name not in ("config", "tokenizer", "chat_template"):
                 self.__dict__[name] = cast(value)
+
+
+def _record_sequences(keys, slots, positions, mask, width):
+    """Fills a PastKeys' per-sequence fields: slots (flat key rows), the next position after each
+    sequence's last real token (positions, mask [B, L]) and the slots per sequence."""
+    keys.slots, keys.width, keys.grads = slots, width, {}
+    keys.next_position = np.where(mask, positions, -1).max(axis=1) + 1
 
 
 def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None, scale=None):
