@@ -46,8 +46,8 @@ def per_label_loss_and_grads(task, adapter, batch):
     rows = [data_mod.Encoded(ids=list(e.ids) + list(c), loss_from=0) for e in batch for c in e.label_tokens]
     ids, mask = data_mod.pad_batch(rows)
     targets, sel = np.zeros_like(ids), np.zeros(ids.shape, dtype=bool)
-    for r, (e, c) in enumerate((e, c) for e in batch for c in e.label_tokens):
-        n = len(e.ids)
+    for r, (ex, c) in enumerate((ex, c) for ex in batch for c in ex.label_tokens):
+        n = len(ex.ids)
         targets[r, n - 1:n - 1 + len(c)], sel[r, n - 1:n - 1 + len(c)] = c, True
     hidden, cache = task.model.forward(ids, mask, adapter=adapter, keep_cache=True)
     logp = losses.TokenLogProbs(task.model, hidden, targets, sel)

@@ -340,3 +340,27 @@ def test_sharded_checkpoint_loads(hf_models, tmp_path, rng):
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ids = _ids(rng, 1, 6)
     np.testing.assert_array_equal(load_model(tmp_path).logits(ids), load_model(hf_models["llama"][0]).logits(ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
+def test_continuation_rows_see_what_the_whole_sequence_sees(hf_models, arch, kind, rng):
+    """forward(..., continuations=): each continuation row's hidden states equal those of its
+    sequence with the row's tokens appended, run alone; the batch's own rows are unchanged."""
+    from softprompt.models.base import Continuations
+
+    model = load_model(hf_models[arch][0])
+    adapter = None if kind is None else (softprompt.PromptTuning if kind == "prompt" else softprompt.PrefixTuning
+                                         ).for_model(model, 3, init="random", seed=2)
+    ids, mask = _right_padded(rng, [7, 4, 5], 7)
+    cont = Continuations(np.array([1, 0, 1, 2]), _ids(rng, 4, 3), np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], bool))
+    hidden, hidden_c = model.forward(ids, mask, adapter=adapter, continuations=cont)
+    np.testing.assert_allclose(hidden, model.forward(ids, mask, adapter=adapter), rtol=1e-4, atol=1e-5)
+    for r, b in enumerate(cont.rows):
+        n, e = mask[b].sum(), cont.mask[r].sum()
+        whole = model.forward(np.concatenate([ids[b, :n], cont.ids[r, :e]])[None], adapter=adapter)[0]
+        np.testing.assert_allclose(hidden_c[r, :e], whole[n:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="continuations need a right-padded batch"):
+        model.forward(ids, mask[:, ::-1], adapter=adapter, continuations=cont)
+    with pytest.raises(ValueError, match=r"continuations: expected 4 rows in \[0, 3\)"):
+        model.forward(ids, mask, adapter=adapter, continuations=Continuations(np.array([0, 1, 2, 3]), cont.ids, cont.mask))

@@ -23,7 +23,7 @@ import numpy as np
 from . import data as data_mod
 from . import losses
 from .adapters import PrefixProjection, PrefixTuning, PromptTuning, _atomic_write, _task_type
-from .models.base import Continuation, PastKeys
+from .models.base import Continuations
 
 # Defaults per method, chosen by experiment on the default job (see README).
 # With --prefix-projection every Adam step moves the prefix through a 256-wide MLP: the same 5e-3
@@ -225,7 +225,6 @@ class Task:
         # Label tokens after the first, padded to the training set's longest: a row's continuation
         # then has the same shape whatever batch or process it falls in.
         self.continuation_length = max((len(c) - 1 for e in self.train for c in e.label_tokens), default=0)
-        self.windowed = any(model.attention_window(i) for i in range(model.config.num_layers))
 
     def encode(self, example):
         """An Example (classification) -> Encoded: the templated text, and each label's tokens after it."""
@@ -264,57 +263,45 @@ class Task:
     # Rank classification: label k's score is the summed log-probability of its tokens t_1..t_n
     # after the input, less log Z of the first token's distribution, which every label shares, so
     # neither the ranking nor the softmax over labels changes (one-token labels: the label words'
-    # logits, the verbalizer). The input runs once; the tokens t_1..t_{n-1} of every label with
-    # more than one run as a second, short batch of rows that continue their example's sequence
-    # (models.base.Continuation) and attend to its keys, so the cost is one forward plus the label
-    # tokens, not one forward per label.
+    # logits, the verbalizer). Labels of several tokens: t_1..t_{n-1} of every such label run as
+    # extra rows of the same pass (models.base.Continuations), packed with the input's rows for
+    # the row-wise layers and attending to their example's keys, so the input runs once, not once
+    # per label.
     def _label_scores(self, adapter, batch, ids, mask, keep_cache=False):
         """-> scores [B, K] (float64), and the state _label_scores_backward reads."""
         first = np.array([[c[0] for c in e.label_tokens] for e in batch])  # [B, K]
         if (first == first[:1]).all():
             first = first[0]  # one set of first tokens for every row: the [K] path
         cont = self._continuation_rows(batch)
-        keys = PastKeys() if cont is not None else None
-        out = self.model.forward(ids, mask, adapter=adapter, keep_cache=keep_cache, keys=keys)
+        out = self.model.forward(ids, mask, adapter=adapter, keep_cache=keep_cache,
+                                 continuations=None if cont is None else cont[2])
         hidden, cache = out if keep_cache else (out, None)
+        logp = None
+        if cont is not None:
+            hidden, hidden_c = hidden
+            example, label, rows, targets = cont
+            logp = losses.TokenLogProbs(self.model, hidden_c, targets, rows.mask)
         pos = mask.sum(1) - 1
         scores = losses.label_word_logits(self.model, hidden, pos, first).astype(np.float64)
-        parts = []
-        if cont is not None:
-            example, label, cont_ids, targets, cont_mask = cont
-            lengths = np.array([len(keys.slots[b]) for b in example])
-            # Under a sliding window a query counts key slots, so rows whose pasts differ in
-            # length run apart (none padded); otherwise all together, padded to one width.
-            groups = [lengths == n for n in np.unique(lengths)] if self.windowed else [np.ones(len(example), bool)]
-            for sel in groups:
-                past = Continuation.of(keys, example[sel], int(lengths[sel][0]) if self.windowed else None)
-                out = self.model.forward(cont_ids[sel], cont_mask[sel], adapter=adapter, past=past,
-                                         keep_cache=keep_cache)
-                h, c = out if keep_cache else (out, None)
-                logp = losses.TokenLogProbs(self.model, h, targets[sel], cont_mask[sel])
-                np.add.at(scores, (example[sel], label[sel]), logp.values.sum(axis=1))
-                parts.append((sel, c, logp))
-        return scores, (hidden.shape, cache, pos, first, cont, parts)
+        if logp is not None:
+            np.add.at(scores, (example, label), logp.values.sum(axis=1))
+        return scores, (hidden.shape, cache, pos, first, cont, logp)
 
     def _label_scores_backward(self, dscores, state, prompt_sum=None):
         """The model's gradients (backward's dict) given d loss / d scores [B, K]."""
-        shape, cache, pos, first, cont, parts = state
-        extra = None  # the continuation rows' prefix gradient (their prompt gradient flows through the keys)
-        for sel, c, logp in parts:  # before the input's backward: they add to its keys' gradient
-            example, label = cont[0][sel], cont[1][sel]
-            d = np.broadcast_to(dscores[example, label][:, None], logp.values.shape)
-            g = self.model.backward(logp.backward(d), c)
-            if "prefix" in g:
-                extra = g["prefix"] if extra is None else extra + g["prefix"]
+        shape, cache, pos, first, cont, logp = state
         dh = losses.label_word_logits_backward(self.model, dscores, shape, pos, first)
-        grads = self.model.backward(dh, cache, prompt_sum)
-        if extra is not None:
-            grads["prefix"] = grads["prefix"] + extra
-        return grads
+        dc = None
+        if logp is not None:
+            example, label = cont[0], cont[1]
+            dc = logp.backward(np.broadcast_to(dscores[example, label][:, None], logp.values.shape))
+        return self.model.backward(dh, cache, prompt_sum, dcontinuation=dc)
 
     def _continuation_rows(self, batch):
-        """The label tokens after the first, as rows: -> (example [R], label [R], ids [R, E],
-        targets [R, E], mask [R, E]), or None when every label here is one token."""
+        """The label tokens after the first, as rows: -> (example [R], label [R], Continuations
+        (ids [R, E]: t_1..t_{n-1}), targets [R, E]: t_2..t_n), or None when every label here is one
+        token. E is at least the training set's longest, so a row's shape does not depend on its
+        batch (data parallelism)."""
         pairs = [(b, k) for b, e in enumerate(batch) for k, c in enumerate(e.label_tokens) if len(c) > 1]
         if not pairs:
             return None
@@ -325,7 +312,7 @@ class Task:
             c = batch[b].label_tokens[k]
             ids[r, :len(c) - 1], targets[r, :len(c) - 1], mask[r, :len(c) - 1] = c[:-1], c[1:], True
         example, label = (np.array(x) for x in zip(*pairs))
-        return example, label, ids, targets, mask
+        return example, label, Continuations(example, ids, mask), targets
 
     def _head_loss_and_grads(self, adapter, batch, ids, mask, total, raw):
         """loss_and_grads through the adapter's classification head on the pooled output."""
@@ -431,7 +418,7 @@ def text_metrics(predictions, references):
     and chrf: sacrebleu's corpus scores with its defaults (0-100); rougeL: the mean ROUGE-L F1 of
     rouge-score with its Porter stemmer. Without the `metrics` extra only exact_match, and a note
     saying what to install."""
-    norm = lambda t: " ".join(t.split())  # noqa: E731
+    norm = lambda t: " ".join(t.split())
     out = {"exact_match": float(np.mean([norm(p) == norm(r) for p, r in zip(predictions, references)]))}
     try:
         import sacrebleu

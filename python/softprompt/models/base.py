@@ -100,79 +100,45 @@ class KVCache:
 
 
 @dataclass
-class PackedPrompt:
-    """Prompt tuning's shared prompt rows (see Transformer.share_prompt_rows): the layers see one
-    sequence [1, P + B*T], the prompt's P rows first, then the batch's B rows of T tokens."""
+class Continuations:
+    """Rows that continue the batch's sequences (rank classification: each label's tokens after the
+    first, after its example's input): row r holds tokens that follow sequence rows[r], at the
+    positions after its last real token; its queries see that sequence's keys (virtual tokens
+    included), then its own tokens causally."""
 
-    num_virtual_tokens: int  # P
+    rows: np.ndarray  # int [R]: the batch row each continues
+    ids: np.ndarray  # int [R, E]
+    mask: np.ndarray  # bool [R, E], right-padded (True = real token)
+
+
+@dataclass
+class ContinuationLayout:
+    """Where a Continuations' past keys lie in the packed rows: index [R, S] (left-padded, 0 where
+    index_mask is False) into the first P + B*T packed rows; groups: the rows attended together
+    (all, or under a sliding window those whose pasts have one length, so no padding shifts a
+    key's distance)."""
+
+    index: np.ndarray  # int [R, S]
+    index_mask: np.ndarray  # bool [R, S]
+    own_mask: np.ndarray | None  # bool [R, E] (None: nothing padded)
+    groups: list  # int arrays of rows
+
+
+@dataclass
+class PackedPrompt:
+    """Packed rows (see Transformer.share_prompt_rows): the layers see one sequence
+    [1, P + B*T + R*E]: prompt tuning's P prompt rows first (P = 0 otherwise), then the batch's B
+    rows of T tokens, then any continuation rows (R rows of E tokens, see Continuations)."""
+
+    num_virtual_tokens: int  # P: prompt rows (0 for prefix tuning or no adapter)
     batch: int  # B; 0 for a process that holds no rows of a data-parallel batch
     length: int  # T
     key_mask: np.ndarray | None  # bool [B, T] (True = real token), or None when nothing is padded
+    continuation: ContinuationLayout | None = None
+    continuation_shape: tuple = (0, 0)  # (R, E)
     # Backward only (data parallelism): sums a float64 vector over every process holding part of
     # the batch; see Transformer.backward's prompt_sum.
     prompt_sum: Callable[[np.ndarray], np.ndarray] | None = None
-
-
-@dataclass
-class PastKeys:
-    """Every layer's keys and values of one forward, kept for a later forward whose rows continue
-    its sequences (rank classification: each label's tokens after its example's input, which runs
-    once for all labels). Filled by `forward(..., keys=PastKeys())`; the later forward's backward
-    adds what its rows give these keys to `grads`, which this forward's backward then reads, so it
-    must run after that one."""
-
-    layers: dict = field(default_factory=dict)  # layer -> (k, v) [N, Hkv, D]: the layer's rows, flattened
-    slots: list = field(default_factory=list)  # per sequence: int [n] the flat rows of its real keys, in order
-    next_position: np.ndarray | None = None  # int [B]: the position after each sequence's last real token
-    width: int = 0  # key slots of one sequence in that forward (virtual tokens included)
-    grads: dict = field(default_factory=dict)  # layer -> (dk, dv) float64 [N, Hkv, D]
-
-
-@dataclass
-class Continuation:
-    """A forward whose row r continues sequence rows[r] of an earlier forward (PastKeys): its queries
-    see that sequence's real keys (gathered left-padded into `index` [R, S]), then its own tokens,
-    causally, and the adapter's prefix if any; a prompt is already among the past keys."""
-
-    past: PastKeys
-    rows: np.ndarray  # int [R]
-    index: np.ndarray  # int [R, S]: flat rows of the past keys (0 where padded)
-    index_mask: np.ndarray  # bool [R, S]
-
-    @classmethod
-    def of(cls, past, rows, width=None):
-        """Row r continues sequence rows[r]; its past keys are left-padded to `width` slots (default
-        the earlier forward's: then a row computes the same whatever rows come with it)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        S = past.width if width is None else width
-        index = np.zeros((len(rows), S), dtype=np.int64)
-        index_mask = np.zeros((len(rows), S), dtype=bool)
-        for r, b in enumerate(rows):
-            s = past.slots[b]
-            if len(s) > S:
-                raise ValueError(f"width: sequence {b} has {len(s)} past keys, more than {S}")
-            index[r, S - len(s):] = s
-            index_mask[r, S - len(s):] = True
-        return cls(past, rows, index, index_mask)
-
-    def keys(self, i, k, v, mask):
-        """Layer i's past keys and values before the rows' own: k, v [R, T, Hkv, D], mask [R, T] or
-        None -> k, v [R, S + T, Hkv, D], key mask [R, S + T]."""
-        pk, pv = self.past.layers[i]
-        R, T = k.shape[:2]
-        own = np.ones((R, T), dtype=bool) if mask is None else mask
-        return (np.concatenate([pk[self.index], k], axis=1), np.concatenate([pv[self.index], v], axis=1),
-                np.concatenate([self.index_mask, own], axis=1))
-
-    def add_grads(self, i, dk, dv):
-        """Adds dk, dv [R, S, Hkv, D] (the past part of the keys' gradient) to the past's grads."""
-        pk = self.past.layers[i][0]
-        if i not in self.past.grads:
-            self.past.grads[i] = (np.zeros(pk.shape, dtype=np.float64), np.zeros(pk.shape, dtype=np.float64))
-        gk, gv = self.past.grads[i]
-        sel = self.index_mask
-        np.add.at(gk, self.index[sel], dk[sel])  # in row order: the same sums whatever the split
-        np.add.at(gv, self.index[sel], dv[sel])
 
 
 @dataclass
@@ -186,8 +152,6 @@ class Context:
     token_type_ids: np.ndarray | None = None  # int [B, L] (BERT; None = all type 0)
     kv_cache: KVCache | None = None  # generation: keys and values are appended here
     packed: PackedPrompt | None = None  # shared prompt rows: attention tells prompt and batch apart
-    keys: PastKeys | None = None  # record every layer's keys and values here (a later Continuation's past)
-    past: Continuation | None = None  # these rows continue an earlier forward's sequences
 
 
 @dataclass
@@ -336,15 +300,9 @@ class Transformer:
         """The layer's attention through the C++ core: q [B, L, H, D], k/v [B, L, Hkv, D].
         With a KV cache in ctx (generation), k/v are appended to the layer's cached keys first and
         the queries attend to all of them (the causal rule with S > T)."""
-        if ctx.keys is not None:  # flat views of the rows the layer saw (packed: prompt rows first)
-            ctx.keys.layers[i] = (k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]))
         if ctx.packed is not None:
-            return self._packed_attention(q, k, v, ctx.packed, self.attention_window(i), self.attention_scale(i))
+            return self._packed_attention(i, q, k, v, ctx)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        if ctx.past is not None:
-            k, v, mask = ctx.past.keys(i, k, v, ctx.key_mask)
-            return ops.prefix_attention_forward(q, k, v, pk, pv, causal=True, key_padding_mask=mask,
-                                                window=self.attention_window(i), scale=self.attention_scale(i))
         if ctx.kv_cache is not None:
             cached = ctx.kv_cache.layers
             if i in cached:
@@ -356,72 +314,112 @@ class Transformer:
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
-        later = None if ctx.keys is None else ctx.keys.grads.get(i)  # what a Continuation gave these keys
         if ctx.packed is not None:
-            return self._packed_attention_backward(dout, q, k, v, out, lse, ctx.packed, self.attention_window(i),
-                                                   self.attention_scale(i), later)
+            return self._packed_attention_backward(i, dout, q, k, v, out, lse, ctx)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
-        window, scale = self.attention_window(i), self.attention_scale(i)
-        if ctx.past is not None:
-            T = k.shape[1]
-            k, v, mask = ctx.past.keys(i, k, v, ctx.key_mask)
-            dq, dk, dv, dpk, dpv = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, True, mask, window, scale)
-            S = k.shape[1] - T
-            ctx.past.add_grads(i, dk[:, :S], dv[:, :S])
-            return dq, np.ascontiguousarray(dk[:, S:]), np.ascontiguousarray(dv[:, S:]), dpk, dpv
-        dq, dk, dv, dpk, dpv = _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal,
-                                                        ctx.key_mask, window, scale)
-        if later is not None:
-            dk += later[0].reshape(dk.shape).astype(dk.dtype)
-            dv += later[1].reshape(dv.shape).astype(dv.dtype)
-        return dq, dk, dv, dpk, dpv
+        return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask,
+                                        self.attention_window(i), self.attention_scale(i))
 
-    # Packed prompt rows: q/k/v [1, P + B*T, heads, D], the prompt's P rows first, then the batch's.
-    # The prompt attends to itself (causal); the batch attends to the prompt's keys/values as a
-    # prefix, which is exactly what it sees when the prompt is prepended to every row.
-    @staticmethod
-    def _unpack(a, P, B, T):
-        return a[:, :P], a[0, P:].reshape(B, T, *a.shape[2:])
-
-    def _packed_attention(self, q, k, v, packed, window, scale):
+    # Packed rows: q/k/v [1, P + B*T + R*E, heads, D]: the prompt's P rows, the batch's, then the
+    # continuations'. The prompt attends to itself (causal); the batch attends to the prompt's
+    # keys/values (or the layer's prefix) as a prefix, which is exactly what it sees when the prompt
+    # is prepended to every row; a continuation row attends to its sequence's keys, gathered
+    # (virtual ones included), then to its own. One pass, so the row-wise layers (norms,
+    # projections, MLP) run once over every row: a GEMM over all of them, not a second small one.
+    def _packed_parts(self, a, packed):
+        """a [1, N, heads, D] -> prompt rows [1, P, ...], batch [B, T, ...], continuation [R, E, ...]."""
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
-        (qp, qb), (kp, kb), (vp, vb) = (self._unpack(a, P, B, T) for a in (q, k, v))
-        empty = kp[0, :0]
-        out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, empty, empty, causal=True, window=window, scale=scale)
-        if B == 0:  # a data-parallel process without rows: the prompt's own rows only
-            return out_p, (lse_p, None)
-        out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, kp[0], vp[0], causal=True,
-                                                    key_padding_mask=packed.key_mask, window=window, scale=scale)
-        out = np.concatenate([out_p[0], out_b.reshape(B * T, *out_b.shape[2:])])[None]
-        return out, (lse_p, lse_b)
+        R, E = packed.continuation_shape
+        n = P + B * T
+        return a[:, :P], a[0, P:n].reshape(B, T, *a.shape[2:]), a[0, n:n + R * E].reshape(R, E, *a.shape[2:])
 
-    def _packed_attention_backward(self, dout, q, k, v, out, lse, packed, window, scale, later=None):
-        """later: (dk, dv) [P + B*T, Hkv, D] float64 that a Continuation's rows gave these keys; the
-        prompt's part joins the batch's sum over processes."""
+    def _continuation_keys(self, layout, g, k_main, k_own):
+        """Group g's keys: its rows' past keys gathered from k_main [P + B*T, Hkv, D], then their
+        own k_own [R, E, Hkv, D] -> [r, S + E, Hkv, D] and the key mask [r, S + E]."""
+        own_mask = np.ones(k_own.shape[:2], dtype=bool) if layout.own_mask is None else layout.own_mask
+        return (np.concatenate([k_main[layout.index[g]], k_own[g]], axis=1),
+                np.concatenate([layout.index_mask[g], own_mask[g]], axis=1))
+
+    def _packed_attention(self, i, q, k, v, ctx):
+        packed, window, scale = ctx.packed, self.attention_window(i), self.attention_scale(i)
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
-        (qp, qb), (kp, kb), (vp, vb), (op, ob), (dp, db) = (self._unpack(a, P, B, T) for a in (q, k, v, out, dout))
-        empty = kp[0, :0]
+        (qp, qb, qc), (kp, kb, kc), (vp, vb, vc) = (self._packed_parts(a, packed) for a in (q, k, v))
+        pk, pv = self._layer_prefix(i, ctx, q.dtype)  # prefix tuning's; empty otherwise
+        out_p = lse_p = out_b = lse_b = None
+        if P:
+            out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, pk, pv, causal=True, window=window, scale=scale)
+        if B:  # the prompt's keys and values (P > 0) or the layer's prefix, before every row's own
+            bk, bv = (kp[0], vp[0]) if P else (pk, pv)
+            out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, bk, bv, causal=True,
+                                                        key_padding_mask=packed.key_mask, window=window, scale=scale)
+        out_c, lse_c = np.zeros_like(qc), []
+        layout = packed.continuation
+        if layout is not None:
+            k_main, v_main = k[0, :P + B * T], v[0, :P + B * T]
+            for g in layout.groups:
+                kg, mask = self._continuation_keys(layout, g, k_main, kc)
+                vg, _ = self._continuation_keys(layout, g, v_main, vc)
+                out_c[g], lse = ops.prefix_attention_forward(qc[g], kg, vg, pk, pv, causal=True, key_padding_mask=mask,
+                                                             window=window, scale=scale)
+                lse_c.append(lse)
+        parts = [a.reshape(-1, *a.shape[2:]) for a in (out_p, out_b, out_c) if a is not None]
+        return np.concatenate(parts)[None], (lse_p, lse_b, lse_c)
+
+    def _packed_attention_backward(self, i, dout, q, k, v, out, lse, ctx):
+        packed, window, scale = ctx.packed, self.attention_window(i), self.attention_scale(i)
+        P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
+        (qp, qb, qc), (kp, kb, kc), (vp, vb, vc), (op, ob, oc), (dp, db, dc) = (
+            self._packed_parts(a, packed) for a in (q, k, v, out, dout))
+        lse_p, lse_b, lse_c = lse
+        pk, pv = self._layer_prefix(i, ctx, q.dtype)
+        n = P + B * T
+        dq, dk, dv = np.zeros_like(q[0]), np.zeros_like(k[0]), np.zeros_like(v[0])
+        dprefix_k, dprefix_v = np.zeros(pk.shape), np.zeros(pv.shape)  # float64: the layer prefix's sums
+        # The continuations first: what they give the batch's and the prompt's keys is added below,
+        # the prompt's share before the sum over processes. float64 sums of float32 rows, in row
+        # order: the same whatever rows share the batch.
+        past_k, past_v = np.zeros((n, *k.shape[2:])), np.zeros((n, *v.shape[2:]))
+        layout = packed.continuation
+        if layout is not None:
+            R, E = packed.continuation_shape
+            dq_c, dk_c, dv_c = (x[n:].reshape(R, E, *x.shape[1:]) for x in (dq, dk, dv))
+            k_main, v_main = k[0, :n], v[0, :n]
+            for g, lse_g in zip(layout.groups, lse_c):
+                kg, mask = self._continuation_keys(layout, g, k_main, kc)
+                vg, _ = self._continuation_keys(layout, g, v_main, vc)
+                dq_c[g], dkg, dvg, dpk, dpv = _attention_backward_rows(dc[g], qc[g], kg, vg, pk, pv, oc[g], lse_g,
+                                                                       True, mask, window, scale)
+                S = layout.index.shape[1]
+                dk_c[g], dv_c[g] = dkg[:, S:], dvg[:, S:]
+                for j, r in enumerate(g):
+                    sel = layout.index_mask[r]
+                    idx = layout.index[r, sel]  # distinct within a row: += adds each once
+                    past_k[idx] += dkg[j, :S][sel]
+                    past_v[idx] += dvg[j, :S][sel]
+                dprefix_k += dpk
+                dprefix_v += dpv
         if B:
-            dq_b, dk_b, dv_b, dpk, dpv = _attention_backward_rows(db, qb, kb, vb, kp[0], vp[0], ob, lse[1], True,
+            bk, bv = (kp[0], vp[0]) if P else (pk, pv)
+            dq_b, dk_b, dv_b, dbk, dbv = _attention_backward_rows(db, qb, kb, vb, bk, bv, ob, lse_b, True,
                                                                   packed.key_mask, window, scale)
+            dk_b += past_k[P:].reshape(dk_b.shape).astype(dk_b.dtype)
+            dv_b += past_v[P:].reshape(dv_b.shape).astype(dv_b.dtype)
+            dq[P:n], dk[P:n], dv[P:n] = (x.reshape(B * T, *x.shape[2:]) for x in (dq_b, dk_b, dv_b))
         else:
-            dq_b = dk_b = dv_b = None
-            dpk = dpv = np.zeros(kp.shape[1:], dtype=np.float64)
-        dq_p, dk_p, dv_p, _, _ = ops.prefix_attention_backward(dp, qp, kp, vp, empty, empty, op, lse[0], causal=True,
-                                                               window=window, scale=scale)
-        if later is not None and B:
-            dpk, dpv = dpk + later[0][:P], dpv + later[1][:P]
-            dk_b += later[0][P:].reshape(dk_b.shape).astype(dk_b.dtype)
-            dv_b += later[1][P:].reshape(dv_b.shape).astype(dv_b.dtype)
-        if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
-            dpk, dpv = np.split(packed.prompt_sum(np.concatenate([dpk.reshape(-1), dpv.reshape(-1)])), 2)
-        dk_p[0] += dpk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
-        dv_p[0] += dpv.reshape(dv_p.shape[1:]).astype(dv_p.dtype)  # served every row of the batch
-        empty_grad = np.zeros_like(empty)
-        if B == 0:
-            return dq_p, dk_p, dv_p, empty_grad, empty_grad
-        join = lambda a, b: np.concatenate([a[0], b.reshape(B * T, *b.shape[2:])])[None]  # noqa: E731
-        return join(dq_p, dq_b), join(dk_p, dk_b), join(dv_p, dv_b), empty_grad, empty_grad
+            dbk, dbv = np.zeros(kp.shape[1:]) if P else np.zeros(pk.shape), np.zeros(vp.shape[1:]) if P else np.zeros(pv.shape)
+        if P:
+            dq_p, dk_p, dv_p, dpk, dpv = ops.prefix_attention_backward(dp, qp, kp, vp, pk, pv, op, lse_p, causal=True,
+                                                                       window=window, scale=scale)
+            dbk, dbv = dbk + past_k[:P], dbv + past_v[:P]  # what the batch and continuations give the prompt
+            if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
+                dbk, dbv = np.split(packed.prompt_sum(np.concatenate([dbk.reshape(-1), dbv.reshape(-1)])), 2)
+            dk_p[0] += dbk.reshape(dk_p.shape[1:]).astype(dk_p.dtype)  # the prompt's keys and values also
+            dv_p[0] += dbv.reshape(dv_p.shape[1:]).astype(dv_p.dtype)  # served every row of the batch
+            dq[:P], dk[:P], dv[:P] = dq_p[0], dk_p[0], dv_p[0]
+        else:
+            dprefix_k += dbk
+            dprefix_v += dbv
+        return dq[None], dk[None], dv[None], dprefix_k, dprefix_v
 
     def _layer_prefix(self, i, ctx, dtype):
         c = self.config
@@ -431,7 +429,7 @@ class Transformer:
         return ctx.prefix[i, 0], ctx.prefix[i, 1]
 
     def forward(self, input_ids, attention_mask=None, *, adapter=None, inputs_embeds=None, token_type_ids=None,
-                keep_cache=False, keep_virtual=False, keys=None, past=None):
+                keep_cache=False, keep_virtual=False, continuations=None):
         """Hidden states after the final norm for the T input tokens.
 
         input_ids [B, T] (or inputs_embeds [B, T, C] instead), attention_mask [B, T] (1 = real
@@ -441,15 +439,13 @@ class Transformer:
         first), and with keep_cache the ForwardCache for `backward`.
         Where `shares_prompt_rows(adapter)`, inputs_embeds may hold B = 0 rows: the prompt's rows
         alone (a data-parallel process without rows of its own; see `backward`).
-        keys: a PastKeys this forward fills (causal models) for a later forward's `past`.
-        past: a Continuation: row r of this batch continues sequence past.rows[r] of the forward
-        that filled past.past (same adapter); its positions follow that sequence's, it sees that
-        sequence's keys, and its backward adds their gradient to past.past.grads.
+        continuations (causal models, right-padded batches): a Continuations; then hidden is the
+        pair (hidden [B, T, C], the continuation rows' hidden [R, E, C]), from one pass.
         """
-        if (keys is not None or past is not None) and not self.config.causal:
-            raise ValueError("keys, past: continuations need a causal model")
-        if past is not None:
-            return self._forward_continuation(input_ids, attention_mask, adapter, past, keep_cache)
+        if continuations is not None:
+            return self._forward_packed(adapter, self.embed_tokens(_as_ids(input_ids, self.config.vocab_size)),
+                                        _as_mask(attention_mask, np.shape(input_ids)), keep_cache, False,
+                                        continuations)
         shared = token_type_ids is None and self.shares_prompt_rows(adapter)
         if inputs_embeds is None:
             x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
@@ -458,13 +454,8 @@ class Transformer:
         B, T = x.shape[:2]
         mask = _as_mask(attention_mask, (B, T))
         if shared:
-            return self._forward_shared_prompt(adapter, x, mask, keep_cache, keep_virtual, keys)
+            return self._forward_packed(adapter, x, mask, keep_cache, keep_virtual)
         kind, P, x, ctx = self.inject(adapter, x, mask)
-        if keys is not None:
-            full = np.ones(x.shape[:2], dtype=bool) if ctx.key_mask is None else ctx.key_mask
-            L = x.shape[1]
-            _record_sequences(keys, [b * L + np.flatnonzero(full[b]) for b in range(B)], ctx.positions, full, L)
-            ctx.keys = keys
         if token_type_ids is not None:
             types = np.asarray(token_type_ids, dtype=np.int64).reshape(B, T)
             if kind == "prompt":
@@ -477,73 +468,116 @@ class Transformer:
             return h
         return h, ForwardCache(ctx, kind, P, x.shape[1], embed_cache, caches, final_cache)
 
-    def _forward_continuation(self, input_ids, attention_mask, adapter, past, keep_cache):
-        """forward's `past` path: the rows' own tokens after their past keys (see Continuation)."""
-        if not isinstance(past, Continuation):
-            raise TypeError(f"past: expected a Continuation, got {type(past).__name__}")
-        x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
-        R, T = x.shape[:2]
-        if len(past.rows) != R:
-            raise ValueError(f"past: expected {R} rows like input_ids, got {len(past.rows)}")
-        mask = _as_mask(attention_mask, (R, T))
-        kind, P, _, prefix = _adapter_parts(adapter, self, x.dtype)  # a prompt is among the past keys
-        pos = past.past.next_position[past.rows][:, None] + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        ctx = Context(positions=pos, key_mask=None if mask.all() else mask, prefix=prefix, past=past)
-        h, embed_cache, caches, final_cache = self.run(x, ctx, keep_cache)
-        if not keep_cache:
-            return h
-        kind = "prefix" if kind == "prefix" else None
-        return h, ForwardCache(ctx, kind, P if kind else 0, T, embed_cache, caches, final_cache)
-
-    def _forward_shared_prompt(self, adapter, x, mask, keep_cache, keep_virtual, keys=None):
-        """forward for prompt tuning of a causal model (see share_prompt_rows): the prompt's rows and
-        the batch's rows packed as one sequence [1, P + B*T, C], so every row-wise layer (norms,
-        projections, MLP) runs once over all of them; only attention tells them apart."""
-        _, P, prompt, _ = _adapter_parts(adapter, self, x.dtype)
+    def _forward_packed(self, adapter, x, mask, keep_cache, keep_virtual, continuations=None):
+        """forward with packed rows (see PackedPrompt): prompt tuning of a causal model (see
+        share_prompt_rows), and any forward with continuations. The prompt's rows, the batch's and
+        the continuations' run as one sequence [1, P + B*T + R*E, C], so every row-wise layer runs
+        once over all of them; only attention tells them apart."""
+        kind, P, prompt, prefix = _adapter_parts(adapter, self, x.dtype)
+        rows_p = P if kind == "prompt" else 0  # the prompt's own rows (a prefix has none)
         B, T, C = x.shape
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + P  # input tokens follow the prompt
-        rows = np.concatenate([prompt, x.reshape(B * T, C)])[None]
-        packed = PackedPrompt(P, B, T, None if mask.all() else mask)
-        ctx = Context(positions=np.concatenate([np.arange(P), pos.reshape(-1)])[None], key_mask=None, prefix=None,
-                      packed=packed)
-        if keys is not None:  # a sequence's keys: the prompt's rows, then its own real rows
-            _record_sequences(keys, [np.concatenate([np.arange(P), P + b * T + np.flatnonzero(mask[b])])
-                                     for b in range(B)], pos, mask, P + T)
-            ctx.keys = keys
-        h, embed_cache, caches, final_cache = self.run(rows, ctx, keep_cache)
-        out = h[0, P:].reshape(B, T, C)
-        if keep_virtual:
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + P  # input tokens follow the virtual ones
+        rows, positions = [x.reshape(B * T, C)], [pos.reshape(-1)]
+        if rows_p:
+            rows.insert(0, prompt)
+            positions.insert(0, np.arange(P))
+        packed = PackedPrompt(rows_p, B, T, None if mask.all() else mask)
+        if continuations is not None:
+            xc, cpos, packed.continuation = self._continuation_rows(continuations, mask, pos, rows_p)
+            packed.continuation_shape = xc.shape[:2]
+            rows.append(xc.reshape(-1, C))
+            positions.append(cpos.reshape(-1))
+        ctx = Context(positions=np.concatenate(positions)[None], key_mask=None, prefix=prefix, packed=packed)
+        h, embed_cache, caches, final_cache = self.run(np.concatenate(rows)[None], ctx, keep_cache)
+        out = h[0, rows_p:rows_p + B * T].reshape(B, T, C)
+        if keep_virtual and rows_p:
             out = np.concatenate([np.broadcast_to(h[:, :P], (B, P, C)), out], axis=1)
+        if continuations is not None:
+            out = (out, h[0, rows_p + B * T:].reshape(*packed.continuation_shape, C))
         if not keep_cache:
             return out
-        return out, ForwardCache(ctx, "prompt", P, P + T, embed_cache, caches, final_cache)
+        return out, ForwardCache(ctx, kind, P, T + rows_p, embed_cache, caches, final_cache)
 
-    def _backward_shared_prompt(self, dhidden, cache, prompt_sum):
-        """backward of _forward_shared_prompt (prompt_sum: see `backward`)."""
-        ctx, P = cache.ctx, cache.num_virtual_tokens
-        B, T = ctx.packed.batch, ctx.packed.length
-        if dhidden.shape[:2] not in ((B, T), (B, P + T)):
-            raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {P + T}, C] after keep_virtual) like "
-                             f"forward's output, got {dhidden.shape}")
+    def _continuation_rows(self, cont, mask, pos, rows_p):
+        """Continuations -> (their embeddings [R, E, C], positions [R, E], ContinuationLayout)."""
+        if not self.config.causal:
+            raise ValueError("continuations: need a causal model")
+        if not isinstance(cont, Continuations):
+            raise TypeError(f"continuations: expected a Continuations, got {type(cont).__name__}")
+        B, T = mask.shape
+        rows = np.asarray(cont.rows, dtype=np.int64)
+        xc = self.embed_tokens(_as_ids(cont.ids, self.config.vocab_size))
+        R, E = xc.shape[:2]
+        own = _as_mask(cont.mask, (R, E))
+        if rows.shape != (R,) or (R and (rows.min() < 0 or rows.max() >= B)):
+            raise ValueError(f"continuations: expected {R} rows in [0, {B}), got {rows.tolist()}")
+        if any(m.any() and not m[:m.sum()].all() for m in mask):
+            raise ValueError("attention_mask: continuations need a right-padded batch")
+        nxt = np.where(mask, pos, -1).max(axis=1) + 1  # after each sequence's last real token
+        cpos = nxt[rows][:, None] + np.maximum(np.cumsum(own, axis=1) - 1, 0)
+        # Past keys of row r: the prompt's rows, then its sequence's real ones, left-padded to the
+        # batch's width (so a row computes the same whatever batch it is in).
+        lengths = rows_p + mask.sum(axis=1)[rows]
+        S = rows_p + T
+        index, index_mask = np.zeros((R, S), dtype=np.int64), np.zeros((R, S), dtype=bool)
+        for r, b in enumerate(rows):
+            slots = np.concatenate([np.arange(rows_p), rows_p + b * T + np.flatnonzero(mask[b])])
+            index[r, S - len(slots):], index_mask[r, S - len(slots):] = slots, True
+        windowed = any(self.attention_window(i) for i in range(self.config.num_layers))
+        if windowed:  # a window counts key slots: group equal pasts and cut their padding
+            groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
+            if groups:
+                width = int(lengths.max())
+                index, index_mask = index[:, S - width:], index_mask[:, S - width:]
+        else:
+            groups = [np.arange(R)]
+        layout = ContinuationLayout(index, index_mask, None if own.all() else own, groups)
+        return xc, cpos, layout
+
+    def _backward_packed(self, dhidden, cache, prompt_sum, dcontinuation=None):
+        """backward of _forward_packed (prompt_sum: see `backward`)."""
+        ctx = cache.ctx
+        packed = ctx.packed
+        rows_p, B, T = packed.num_virtual_tokens, packed.batch, packed.length
+        R, E = packed.continuation_shape
+        if dhidden.shape[:2] not in ((B, T), (B, rows_p + T)):
+            raise ValueError(f"dhidden: expected shape [{B}, {T}, C] (or [{B}, {rows_p + T}, C] after keep_virtual) "
+                             f"like forward's output, got {dhidden.shape}")
+        if (dcontinuation is None) != (packed.continuation is None):
+            raise ValueError("dcontinuation: give the continuation rows' gradient [R, E, C] exactly when the "
+                             "forward had continuations")
         C = dhidden.shape[2]
-        dh = np.zeros((1, P + B * T, C), dtype=dhidden.dtype)
-        top = np.zeros((P, C))  # keep_virtual: the prompt rows' output gradient, summed over the batch
-        if dhidden.shape[1] == P + T:
-            top = dhidden[:, :P].sum(axis=0, dtype=np.float64)
-            dhidden = dhidden[:, P:]
+        dh = np.zeros((1, rows_p + B * T + R * E, C), dtype=dhidden.dtype)
+        top = np.zeros((rows_p, C))  # keep_virtual: the prompt rows' output gradient, summed over the batch
+        if dhidden.shape[1] == rows_p + T and rows_p:
+            top = dhidden[:, :rows_p].sum(axis=0, dtype=np.float64)
+            dhidden = dhidden[:, rows_p:]
         if prompt_sum is not None:
-            top = prompt_sum(top.reshape(-1)).reshape(P, C)
-        dh[0, :P] = top
-        dh[0, P:] = dhidden.reshape(B * T, C)
-        ctx.packed.prompt_sum = prompt_sum
+            top = prompt_sum(top.reshape(-1)).reshape(rows_p, C)
+        dh[0, :rows_p] = top
+        dh[0, rows_p:rows_p + B * T] = dhidden.reshape(B * T, C)
+        if dcontinuation is not None:
+            dc = self._as_rows("dcontinuation", dcontinuation, allow_empty_batch=True)
+            if dc.shape[:2] != (R, E):
+                raise ValueError(f"dcontinuation: expected shape [{R}, {E}, C], got {dc.shape}")
+            dh[0, rows_p + B * T:] = dc.reshape(R * E, C)
+        packed.prompt_sum = prompt_sum
+        dprefix = None if cache.kind != "prefix" else np.zeros(ctx.prefix.shape, dtype=np.float64)
         try:
             dh = self.final_backward(dh, cache.final)
             for i in reversed(range(self.config.num_layers)):
-                dh, _, _ = self.block_backward(i, dh, cache.blocks[i], ctx)
+                dh, dpk, dpv = self.block_backward(i, dh, cache.blocks[i], ctx)
+                if dprefix is not None:
+                    dprefix[i, 0], dprefix[i, 1] = dpk, dpv
         finally:
-            ctx.packed.prompt_sum = None
+            packed.prompt_sum = None
         dx = self.embed_backward(dh, cache.embed, ctx)
-        return {"prompt": dx[0, :P], "inputs_embeds": dx[0, P:].reshape(B, T, C)}
+        grads = {"inputs_embeds": dx[0, rows_p:rows_p + B * T].reshape(B, T, C)}
+        if cache.kind == "prompt":
+            grads["prompt"] = dx[0, :rows_p]
+        elif dprefix is not None:
+            grads["prefix"] = dprefix
+        return grads
 
     def _as_rows(self, name, x, allow_empty_batch=False):
         """x as a C-ordered [B, T, hidden_size] array in the model's dtype (the kernels take no
@@ -589,7 +623,7 @@ class Transformer:
         h, final_cache = self.final_forward(h)
         return h, embed_cache, caches, final_cache
 
-    def backward(self, dhidden, cache, prompt_sum=None):
+    def backward(self, dhidden, cache, prompt_sum=None, dcontinuation=None):
         """Gradients of a scalar loss, given d loss / d hidden [B, T, C] (or [B, P+T, C] for a
         forward with keep_virtual) and the ForwardCache from `forward(..., keep_cache=True)`.
 
@@ -604,16 +638,21 @@ class Transformer:
         in every layer, what the whole batch gives their keys and values, so "prompt" is the whole
         batch's prompt gradient: the same on every process and the same bits one process computes
         for the whole batch.
+
+        dcontinuation [R, E, C]: d loss / d the continuation rows' hidden states, for a forward with
+        continuations (required then, and only then).
         """
         if not isinstance(cache, ForwardCache):
             raise TypeError(f"cache: expected the ForwardCache of forward(..., keep_cache=True), got "
                             f"{type(cache).__name__}")
-        shared = cache.ctx.packed is not None
-        dhidden = self._as_rows("dhidden", dhidden, allow_empty_batch=shared)
-        if shared:
-            return self._backward_shared_prompt(dhidden, cache, prompt_sum)
-        if prompt_sum is not None:  # the caller's other processes would wait for these sums
+        packed = cache.ctx.packed is not None
+        if prompt_sum is not None and not (packed and cache.kind == "prompt"):  # the other processes would wait
             raise ValueError("prompt_sum: this forward did not share the prompt rows (see shares_prompt_rows)")
+        if dcontinuation is not None and not packed:
+            raise ValueError("dcontinuation: this forward had no continuations")
+        dhidden = self._as_rows("dhidden", dhidden, allow_empty_batch=packed)
+        if packed:
+            return self._backward_packed(dhidden, cache, prompt_sum, dcontinuation)
         ctx, kind, P = cache.ctx, cache.kind, cache.num_virtual_tokens
         if kind == "prompt" and dhidden.shape[1] != cache.length:  # prompt rows unread: zero grad
             B, T, C = dhidden.shape
@@ -667,13 +706,6 @@ class Transformer:
         for name, value in list(self.__dict__.items()):
             if name not in ("config", "tokenizer", "chat_template"):
                 self.__dict__[name] = cast(value)
-
-
-def _record_sequences(keys, slots, positions, mask, width):
-    """Fills a PastKeys' per-sequence fields: slots (flat key rows), the next position after each
-    sequence's last real token (positions, mask [B, L]) and the slots per sequence."""
-    keys.slots, keys.width, keys.grads = slots, width, {}
-    keys.next_position = np.where(mask, positions, -1).max(axis=1) + 1
 
 
 def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None, scale=None):
