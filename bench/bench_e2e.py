@@ -84,9 +84,7 @@ def run_ours(args):
         if args.loss == "lm":
             loss, dh = losses.lm_loss(model, hidden, targets, loss_mask)
         else:
-            pos = np.full(BATCH, LENGTH - 1)
-            loss, dlogits = losses.cross_entropy(losses.label_word_logits(model, hidden, pos, label_ids), labels)
-            dh = losses.label_word_logits_backward(model, dlogits, hidden.shape, pos, label_ids)
+            loss, dh, _ = losses.label_word_loss(model, hidden, np.full(BATCH, LENGTH - 1), label_ids, labels)
         opt.step(adapter.gradients(model.backward(dh, cache)), 1e-3)
         return loss
 

@@ -32,6 +32,9 @@ def test_lm_loss_and_label_word_logits_match_finite_differences(rng):
         d = losses.label_word_logits_backward(model, loss_of()[1], hidden.shape, pos, label_ids)
         idx, numeric = numeric_sample(lambda: loss_of()[0], hidden, rng=rng)
         np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
+        loss, d2, lg2 = losses.label_word_loss(model, hidden, pos, label_ids, labels)
+        assert loss == pytest.approx(-np.log(np.exp(want[[0, 1], labels]) / np.exp(want).sum(1)).mean(), rel=1e-10)
+        np.testing.assert_allclose(d2.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_token_log_probs_and_their_weighted_backward(rng):

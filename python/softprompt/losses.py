@@ -2,8 +2,8 @@
 
 - `lm_loss`: causal-LM cross-entropy over a masked subset of target tokens; logits are computed only
   for the selected positions (full vocabulary there, nowhere else).
-- `label_word_logits` (+ backward): the label words' first tokens' logits at one answer position per
-  row (never the full vocabulary); `TokenLogProbs`: full-vocabulary log-probabilities of the label
+- `label_word_logits` (+ backward, + `label_word_loss`): the label words' first tokens' logits at one
+  answer position per row (never the full vocabulary); `TokenLogProbs`: full-vocabulary log-probabilities of the label
   tokens after the first (rank classification, see train.Task).
 - `ClassificationHead`: a linear layer on BERT's pooled output, trained with the adapter.
 The full-vocabulary softmax cross-entropy is fused in the C++ core (`ops.softmax_cross_entropy`).
@@ -100,6 +100,15 @@ def label_word_logits_backward(model, dlogits, hidden_shape, positions, label_id
     else:
         dhidden[rows, positions] = _rowwise(dlogits.astype(w.dtype), w[label_ids])
     return dhidden
+
+
+def label_word_loss(model, hidden, positions, label_ids, labels, total=None):
+    """Cross-entropy over the label words' logits at each row's answer position (one-token label
+    words; see train.Task for any length). labels [B] in [0, K); total: as in cross_entropy.
+    -> (loss, dhidden [B, T, C], logits [B, K])."""
+    logits = label_word_logits(model, hidden, positions, label_ids)
+    loss, dlogits = cross_entropy(logits, np.asarray(labels), total)
+    return loss, label_word_logits_backward(model, dlogits, hidden.shape, positions, label_ids), logits
 
 
 class TokenLogProbs:
