@@ -94,7 +94,8 @@ const uint8_t* mask_ptr(const Mask& mask) {
 // A frozen weight from Python: float32 [rows, cols], or the raw blocks of a quantized format as
 // uint8 [rows, cols / 32 * block bytes]; C-contiguous either way.
 Weight weight_arg(const py::array& data, int format, py::ssize_t cols) {
-  if (format < 0 || format > 2) throw py::value_error("format: expected 0 (f32), 1 (q4_1) or 2 (q8_0), got " + std::to_string(format));
+  if (format < 0 || format >= kNumFormats)
+    throw py::value_error("format: expected a code in [0, " + std::to_string(kNumFormats) + "), got " + std::to_string(format));
   const auto f = WeightFormat(format);
   const bool f32 = f == WeightFormat::f32;
   if (!(data.flags() & py::array::c_style))
@@ -103,9 +104,10 @@ Weight weight_arg(const py::array& data, int format, py::ssize_t cols) {
     throw py::type_error(std::string("weight: expected ") + (f32 ? "float32" : "uint8 blocks") + ", got " +
                          std::string(py::str(data.dtype())));
   expect_ndim(data, "weight", 2);
-  if (cols < 1 || (!f32 && cols % kQuantBlock))
-    throw py::value_error(std::string("cols: expected ") + (f32 ? "at least 1" : "a positive multiple of 32 (whole quantized blocks)") +
-                          ", got " + std::to_string(cols));
+  const int64_t be = block_elems(f);
+  if (cols < 1 || cols % be)
+    throw py::value_error("cols: expected a positive multiple of " + std::to_string(be) + " (whole blocks), got " +
+                          std::to_string(cols));
   Weight w{f, static_cast<const uint8_t*>(data.data()), data.shape(0), cols};
   expect_shape(data, "weight", {w.rows, f32 ? cols : w.row_bytes()});
   return w;

@@ -16,21 +16,38 @@ from softprompt.models.quant import FORMATS, QuantizedWeight
 
 needs_gemm = pytest.mark.skipif(not hasattr(_core, "linear_forward"),
                                 reason="the C++ GEMM needs a GCC/Clang build (vector extensions)")
-GGUF_TYPE = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+GGUF_TYPE = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
+# Byte offsets of each block's fp16 scales: d (and m / dmin), the rest of a block is random bits.
+SCALES = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,), "iq4_nl": (0,),
+          "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def cols_for(fmt, n=3):
+    """A row length of n blocks (k-quants: n 256-weight super-blocks; 16-bit: n * 32 weights)."""
+    return n * max(32, FORMATS[fmt][1])
 
 
 def random_blocks(rng, rows, cols, fmt, special=False):
-    """Random blocks of `fmt` with realistic scales (and, with special, zero/subnormal/negative ones)."""
-    nb, size = cols // 32, FORMATS[fmt][1]
+    """Random blocks of `fmt` with sane scales (and, with special, zero/subnormal/negative ones):
+    uint8 [rows, row bytes]."""
+    _, per_block, size = FORMATS[fmt]
+    if per_block == 1:  # 16-bit floats, a few of them special
+        v = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        if special:
+            v.flat[::11] = 0.0
+            v.flat[1::11] = 3e-6 if fmt == "f16" else 1e-39
+        bits = v.astype(np.float16).view(np.uint16) if fmt == "f16" else (v.view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8).reshape(rows, 2 * cols)
+    nb = cols // per_block
     b = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
-    d = rng.uniform(0.001, 0.05, (rows, nb)).astype(np.float16)
-    if special:
-        d.flat[::7] = np.float16(3e-6)  # subnormal half
-        d.flat[1::7] = 0
-        d.flat[2::7] *= -1
-    b[..., 0:2] = d.view(np.uint8).reshape(rows, nb, 2)
-    if fmt == "q4_1":
-        b[..., 2:4] = rng.uniform(-0.4, 0.1, (rows, nb)).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    for n, off in enumerate(SCALES[fmt]):
+        d = rng.uniform(0.001, 0.05, (rows, nb)).astype(np.float16) if n == 0 else \
+            rng.uniform(-0.4, 0.1, (rows, nb)).astype(np.float16)
+        if special and n == 0:
+            d.flat[::7] = np.float16(3e-6)  # subnormal half
+            d.flat[1::7] = 0
+            d.flat[2::7] *= -1
+        b[..., off:off + 2] = d.view(np.uint8).reshape(rows, nb, 2)
     return b.reshape(rows, nb * size)
 
 
@@ -41,11 +58,17 @@ def quantized(rng, rows, cols, fmt="q4_1"):
 # --------------------------------------------------------------------------- dequantization
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_dequantize_is_bitwise_gguf(fmt, rng):
-    blocks = random_blocks(rng, 37, 96, fmt, special=True)
-    ref = gguf.quants.dequantize(blocks, GGUF_TYPE[fmt]).reshape(37, 96).astype(np.float32)
-    for ours in (_core.dequantize(blocks, FORMATS[fmt][0], 96), reference.dequantize(blocks, fmt, 96)):
-        assert ours.dtype == np.float32 and ours.shape == (37, 96)
+    cols = cols_for(fmt)
+    blocks = random_blocks(rng, 37, cols, fmt, special=True)
+    ref = np.asarray(gguf.quants.dequantize(blocks, GGUF_TYPE[fmt]), dtype=np.float32).reshape(37, cols)
+    for ours in (_core.dequantize(blocks, FORMATS[fmt][0], cols), reference.dequantize(blocks, fmt, cols)):
+        assert ours.dtype == np.float32 and ours.shape == (37, cols)
         assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    w = QuantizedWeight(blocks, fmt, cols)  # a gather dequantizes only its rows
+    np.testing.assert_array_equal(w[np.array([[3, 0], [36, 3]])], ref[[[3, 0], [36, 3]]])
+    for part in (w[1:4], w[5:6]):  # the GEMM's partial rows: any 32-weight-aligned window
+        assert np.array_equal(np.asarray(part).view(np.uint32), ref[1:4].view(np.uint32) if part.shape[0] == 3
+                              else ref[5:6].view(np.uint32))
 
 
 def test_quantized_weight_views_stacking_and_values(rng):
@@ -68,13 +91,19 @@ def test_quantized_weight_views_stacking_and_values(rng):
 
 def test_quantized_weight_rejects_bad_input(rng):
     with pytest.raises(ValueError, match="format"):
-        QuantizedWeight(np.zeros((2, 20), np.uint8), "q5_k", 32)
+        QuantizedWeight(np.zeros((2, 20), np.uint8), "q7_x", 32)
+    with pytest.raises(ValueError, match="cols: expected a positive multiple of 256 for q4_k"):
+        QuantizedWeight(np.zeros((2, 144), np.uint8), "q4_k", 96)
     with pytest.raises(ValueError, match="cols"):
         QuantizedWeight(np.zeros((2, 20), np.uint8), "q4_1", 48)
     with pytest.raises(ValueError, match=r"blocks: expected uint8 \[rows, 40\]"):
         QuantizedWeight(np.zeros((2, 20), np.uint8), "q4_1", 64)
     with pytest.raises(TypeError, match="row slices"):
-        quantized(rng, 4, 32)[[0, 1]]
+        quantized(rng, 4, 32)[::2]
+    with pytest.raises(TypeError, match="integer row ids"):
+        quantized(rng, 4, 32)[np.array([0.5])]
+    with pytest.raises(IndexError, match=r"rows: ids must be in \[0, 4\)"):
+        quantized(rng, 4, 32)[np.array([4])]
     with pytest.raises(ValueError, match="one format"):
         QuantizedWeight.concatenate([quantized(rng, 2, 32), quantized(rng, 2, 32, "q8_0")])
 
@@ -89,7 +118,9 @@ def _reference(x, w, b=None):
 @pytest.mark.parametrize("fmt,M,rows,cols", [
     (fmt, *shape) for fmt in ("f32", "q4_1", "q8_0")
     for shape in [(1, 1, 32), (5, 17, 64), (7, 64, 96), (13, 65, 128), (100, 130, 576), (3, 8, 3200), (9, 3200, 64)]
-] + [("f32", 6, 70, 33), ("f32", 2, 3, 1)])  # float32 rows of any length; quantized ones are whole blocks
+] + [(fmt, *shape) for fmt in sorted(set(FORMATS) - {"q4_1", "q8_0"})
+     for shape in [(5, 17, cols_for(fmt, 1)), (13, 65, cols_for(fmt, 2)), (3, 8, cols_for(fmt, 13))]]
+   + [("f32", 6, 70, 33), ("f32", 2, 3, 1), ("f16", 6, 70, 33), ("bf16", 2, 3, 1)])  # 16-bit: any length
 def test_linear_matches_float64(fmt, M, rows, cols, rng):
     w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.1) if fmt == "f32" else quantized(rng, rows, cols, fmt)
     x = rng.standard_normal((M, cols), dtype=np.float32)
@@ -118,8 +149,8 @@ def test_linear_with_no_rows(fmt, rng):
 
 
 @needs_gemm
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows,cols", [(130, 576), (40, 3200), (3200, 96)])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows,cols", [(130, 768), (40, 3328), (3200, 256)])
 def test_quantized_gemm_is_bitwise_the_gemm_of_its_values(fmt, rows, cols, rng):
     """Dequantizing into the panels changes nothing: the same bits as the float32 GEMM on the
     dequantized weight, forward and backward (K beyond one 3072 block in both directions)."""
@@ -195,7 +226,7 @@ def test_core_linear_rejects_bad_input(rng):
     with pytest.raises(ValueError, match=r"weight: expected shape \(8, 60\), got \(8, 40\)"):
         _core.linear_forward(x, w.blocks, 1, 32 * 3)
     with pytest.raises(ValueError, match="format"):
-        _core.linear_forward(x, w.blocks, 7, 64)
+        _core.linear_forward(x, w.blocks, 99, 64)
     with pytest.raises(TypeError, match="weight: expected float32"):
         _core.linear_forward(x, w.blocks, 0, 64)
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -343,8 +343,12 @@ def softmax_cross_entropy(logits, labels, scale):
     return reference.softmax_cross_entropy(logits, labels, scale)
 
 
-# GGUF block formats the GEMM reads without expanding: name -> (code in _core, bytes per 32 weights).
-QUANT_FORMATS = {"q4_1": (1, 20), "q8_0": (2, 34)}
+# Weight formats the GEMM reads without expanding (GGUF's; cpp/linear.h has their layouts):
+# name -> (code in _core, weights per block, bytes per block).
+QUANT_FORMATS = {"q4_1": (1, 32, 20), "q8_0": (2, 32, 34), "q4_0": (3, 32, 18), "q5_0": (4, 32, 22),
+                 "q5_1": (5, 32, 24), "iq4_nl": (6, 32, 18), "q2_k": (7, 256, 84), "q3_k": (8, 256, 110),
+                 "q4_k": (9, 256, 144), "q5_k": (10, 256, 176), "q6_k": (11, 256, 210), "f16": (12, 1, 2),
+                 "bf16": (13, 1, 2)}
 
 
 def _weight_args(w):
@@ -385,8 +389,8 @@ def linear_backward(dy, weight):
 
 
 def dequantize(blocks, format, cols):
-    """GGUF blocks uint8 [rows, cols / 32 * bytes per block] -> float32 [rows, cols], bitwise the
-    values of gguf.quants.dequantize."""
+    """GGUF blocks uint8 [rows, cols / weights per block * bytes per block] (QUANT_FORMATS) ->
+    float32 [rows, cols], bitwise the values of gguf.quants.dequantize."""
     if format not in QUANT_FORMATS:
         raise ValueError(f"format: expected one of {sorted(QUANT_FORMATS)}, got {format!r}")
     if _on_core():

@@ -293,20 +293,13 @@ def linear_backward(dy, weight):
     return dy @ weight
 
 
-_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # per 32 weights
 
 
 def dequantize(blocks, format, cols):
-    """GGUF blocks uint8 [rows, cols / 32 * bytes] -> float32 [rows, cols].
-    q4_1: fp16 d, fp16 m, 16 bytes of nibbles: w[j] = d * (b[j] & 15) + m, w[16 + j] = d * (b[j] >> 4) + m
-    q8_0: fp16 d, 32 int8: w[j] = d * b[j]"""
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, cols // 32, _BLOCK_BYTES[format])
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, blocks, 1]
-    if format == "q4_1":
-        m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
-        q = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).astype(np.float32)
-        out = d * q + m  # two roundings, as gguf's dequantizer (NumPy never fuses them)
-    else:
-        out = b[..., 2:].view(np.int8).astype(np.float32) * d
-    return out.reshape(rows, cols)
+    """GGUF blocks uint8 [rows, row bytes] of a format (ops.QUANT_FORMATS) -> float32 [rows, cols].
+    The twin is gguf's own NumPy dequantizer (the reference the C++ decoder must match bitwise)."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[format.upper()]
+    return np.asarray(gguf.quants.dequantize(np.ascontiguousarray(blocks), qtype), dtype=np.float32).reshape(
+        blocks.shape[0], cols)

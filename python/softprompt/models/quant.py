@@ -1,14 +1,14 @@
-"""Frozen weights kept in a GGUF block-quantized format (Q4_1, Q8_0) instead of float32.
+"""Frozen weights kept in their file's format (GGUF block quantizations, 16-bit floats) instead of float32.
 
-A SmolLM2 GGUF stores its linear layers as Q4_1: 20 bytes per 32 weights, 0.625 bytes a weight
-instead of 4. `QuantizedWeight` keeps those bytes; the C++ GEMM (cpp/linear.cpp) dequantizes them
-into its packed panels, so the layer is never expanded in memory. The values are exactly the
-float32 ones `gguf.quants.dequantize` gives (d * q and + m rounded separately), so a model gives
-the same numbers either way, up to the summation order of the GEMM.
+A Q4_K_M GGUF stores its linear layers as Q4_K (144 bytes per 256 weights, 0.5625 bytes a weight)
+and Q6_K; a bf16 folder as 2 bytes a weight. `QuantizedWeight` keeps those bytes; the C++ GEMM
+(cpp/linear.cpp) dequantizes them into its packed panels, so the layer is never expanded in memory,
+and a gather of rows (the embedding table: `w[ids]`) dequantizes only those rows. The values are
+exactly the float32 ones `gguf.quants.dequantize` gives (each product and sum rounded separately),
+so a model gives the same numbers either way, up to the summation order of the GEMM.
 
-Block layouts (32 weights along a row, the input dimension):
-  q4_1: fp16 d, fp16 m, 16 bytes of nibbles: w[j] = d * (b[j] & 15) + m, w[16 + j] = d * (b[j] >> 4) + m
-  q8_0: fp16 d, 32 int8: w[j] = d * b[j]
+Formats (cpp/linear.h has every block layout): q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl (32 weights a
+block), q2_k, q3_k, q4_k, q5_k, q6_k (256), f16, bf16 (1 weight per 2 bytes).
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ import numpy as np
 
 from .. import ops
 
-BLOCK = 32
-FORMATS = ops.QUANT_FORMATS  # name -> (code in _core, bytes per block)
+FORMATS = ops.QUANT_FORMATS  # name -> (code in _core, weights per block, bytes per block)
 
 
 class QuantizedWeight:
-    """A frozen weight W [rows, cols] (out, in) as raw blocks: uint8 [rows, cols / 32 * block bytes].
+    """A frozen weight W [rows, cols] (out, in) as raw blocks: uint8 [rows, cols / block weights *
+    block bytes].
 
     Row slices (`w[a:b]`) are views, like NumPy's, with `.base` the weight they view, so stacking
-    q/k/v keeps one copy. `dequantize()` gives the float array; `np.asarray(w)` does too."""
+    q/k/v keeps one copy. Integer indexing (`w[ids]`, ids of any shape) gathers and dequantizes
+    those rows: float32 [*ids.shape, cols]. `dequantize()` gives the whole float array;
+    `np.asarray(w)` does too."""
 
     __slots__ = ("blocks", "format", "shape", "base")
     ndim = 2
@@ -33,10 +35,11 @@ class QuantizedWeight:
     def __init__(self, blocks, format, cols, base=None):
         if format not in FORMATS:
             raise ValueError(f"format: expected one of {sorted(FORMATS)}, got {format!r}")
-        if not isinstance(cols, (int, np.integer)) or cols < BLOCK or cols % BLOCK:
-            raise ValueError(f"cols: expected a positive multiple of {BLOCK}, got {cols!r}")
+        _, per_block, block_bytes = FORMATS[format]
+        if not isinstance(cols, (int, np.integer)) or cols < per_block or cols % per_block:
+            raise ValueError(f"cols: expected a positive multiple of {per_block} for {format}, got {cols!r}")
         blocks = np.asarray(blocks)
-        row_bytes = cols // BLOCK * FORMATS[format][1]
+        row_bytes = cols // per_block * block_bytes
         if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != row_bytes:
             raise ValueError(f"blocks: expected uint8 [rows, {row_bytes}] for {format} with {cols} columns, "
                              f"got {blocks.dtype} {blocks.shape}")
@@ -54,9 +57,18 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.format}, shape={self.shape})"
 
     def __getitem__(self, rows):
-        if not isinstance(rows, slice) or rows.step not in (None, 1):
-            raise TypeError(f"rows: a QuantizedWeight takes contiguous row slices, got {rows!r}")
-        return QuantizedWeight(self.blocks[rows], self.format, self.shape[1], base=self.base or self)
+        if isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                raise TypeError(f"rows: a QuantizedWeight takes contiguous row slices, got {rows!r}")
+            return QuantizedWeight(self.blocks[rows], self.format, self.shape[1], base=self.base or self)
+        ids = np.asarray(rows)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"rows: expected a slice or integer row ids, got {ids.dtype}")
+        flat = ids.reshape(-1)
+        if flat.size and (flat.min() < -self.shape[0] or flat.max() >= self.shape[0]):
+            raise IndexError(f"rows: ids must be in [0, {self.shape[0]}), got [{flat.min()}, {flat.max()}]")
+        values = ops.dequantize(self.blocks[flat], self.format, self.shape[1])  # only these rows
+        return values.reshape(*ids.shape, self.shape[1])
 
     def take_rows(self, order):
         """A new weight with rows reordered: W[order]."""
