@@ -20,6 +20,10 @@ GGUF_TYPE = {fmt: gguf.GGMLQuantizationType[fmt.upper()] for fmt in FORMATS}
 # Byte offsets of each block's fp16 scales: d (and m / dmin), the rest of a block is random bits.
 SCALES = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,), "iq4_nl": (0,),
           "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+# The largest d (and the range of m / dmin) that keeps the weights within about +-0.3, as trained
+# weights are: the k-quants multiply d by 6-bit (Q6_K: 8-bit) sub-block scales.
+D_MAX = {"q2_k": 0.004, "q3_k": 0.002, "q4_k": 3e-4, "q5_k": 1.5e-4, "q6_k": 6e-5, "iq4_nl": 0.002}
+M_RANGE = {"q2_k": (0.0, 0.004), "q4_k": (0.0, 0.004), "q5_k": (0.0, 0.004)}
 
 
 def cols_for(fmt, n=3):
@@ -41,8 +45,9 @@ def random_blocks(rng, rows, cols, fmt, special=False):
     nb = cols // per_block
     b = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
     for n, off in enumerate(SCALES[fmt]):
-        d = rng.uniform(0.001, 0.05, (rows, nb)).astype(np.float16) if n == 0 else \
-            rng.uniform(-0.4, 0.1, (rows, nb)).astype(np.float16)
+        hi = D_MAX.get(fmt, 0.05)
+        d = rng.uniform(hi / 50, hi, (rows, nb)).astype(np.float16) if n == 0 else \
+            rng.uniform(*M_RANGE.get(fmt, (-0.4, 0.1)), (rows, nb)).astype(np.float16)
         if special and n == 0:
             d.flat[::7] = np.float16(3e-6)  # subnormal half
             d.flat[1::7] = 0

@@ -375,6 +375,14 @@ def linear_forward(x, weight, bias=None, *, few_rows=False):
     bias [out] or None -> y [N, out]. Each output row is summed in one fixed order whatever N and the
     thread count. few_rows: up to a few rows (generation's decoding) as one dot product per output,
     reading the weight once (another summation order than the GEMM's)."""
+    parts = getattr(weight, "parts", None)  # models.quant.StackedWeight: one GEMM per part
+    if parts is not None:
+        outs, r0 = [], 0
+        for p in parts:
+            b = None if bias is None else bias[r0:r0 + p.shape[0]]
+            outs.append(linear_forward(x, p, b, few_rows=few_rows))
+            r0 += p.shape[0]
+        return np.concatenate(outs, axis=-1)
     if _core_gemm(x, weight):
         b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         return _core.linear_forward(np.ascontiguousarray(x), *_weight_args(weight), b, few_rows=few_rows)
@@ -383,6 +391,14 @@ def linear_forward(x, weight, bias=None, *, few_rows=False):
 
 def linear_backward(dy, weight):
     """dx = dy @ weight.  dy [N, out] -> dx [N, in] (no weight gradient: the model is frozen)."""
+    parts = getattr(weight, "parts", None)  # models.quant.StackedWeight: the parts' sum, in order
+    if parts is not None:
+        dx, r0 = None, 0
+        for p in parts:
+            d = linear_backward(np.ascontiguousarray(dy[:, r0:r0 + p.shape[0]]), p)
+            dx = d if dx is None else dx + d
+            r0 += p.shape[0]
+        return dx
     if _core_gemm(dy, weight):
         return _core.linear_backward(np.ascontiguousarray(dy), *_weight_args(weight))
     return reference.linear_backward(dy, _weight_values(weight, dy.dtype))

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import ops
 from . import layers as nn
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, StackedWeight
 
 
 @dataclass(frozen=True)
@@ -695,7 +695,7 @@ class Transformer:
         def cast(v):
             if isinstance(v, np.ndarray) and v.dtype.kind == "f":
                 return v.astype(dtype)
-            if isinstance(v, QuantizedWeight) and dtype != v.dtype:  # float32 keeps the blocks
+            if isinstance(v, (QuantizedWeight, StackedWeight)) and dtype != v.dtype:  # float32 keeps the blocks
                 return v.dequantize(dtype)
             if isinstance(v, list):
                 return [cast(x) for x in v]

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import layers as nn
 from .base import ModelConfig, RopeTables, Transformer
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, StackedWeight
 
 
 class Llama(Transformer):
@@ -127,7 +127,10 @@ def _fuse(w, refuse=False):
 
 
 def _stack(parts):
-    """Row-stacks weights: quantized ones of one format stay quantized, others become float."""
+    """Row-stacks weights: quantized ones of one format stay one block array, quantized ones of
+    several formats a StackedWeight of the parts as they are, float ones a float array."""
     if all(isinstance(p, QuantizedWeight) for p in parts) and len({p.format for p in parts}) == 1:
         return QuantizedWeight.concatenate(parts)
+    if any(isinstance(p, QuantizedWeight) for p in parts):
+        return StackedWeight(parts)
     return np.ascontiguousarray(np.concatenate([np.asarray(p) for p in parts], axis=0))

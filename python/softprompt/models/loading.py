@@ -2,8 +2,9 @@
 
 - A Hugging Face folder: `config.json`, `model.safetensors` or a sharded `model.safetensors.index.json`,
   and `tokenizer.json` when present; read through the `safetensors` NumPy API.
-- A GGUF file (llama architecture): read with the `gguf` package; Q4_1 / Q8_0 linear weights stay
-  quantized (models/quant.py), everything else is dequantized to float32. llama.cpp
+- A GGUF file (llama architecture): read with the `gguf` package; every matrix (the linear layers,
+  the embedding table, the output head) stays in its file format, quantized or 16-bit
+  (models/quant.py: every type of ops.QUANT_FORMATS), the norms load as float32. llama.cpp
   stores the Q and K rows permuted for interleaved ("adjacent pairs") RoPE; they are permuted back
   here, so the rotate-half RoPE of transformers applies. The tokenizer is built from the file's
   vocabulary and merges (byte-level BPE).
@@ -45,9 +46,10 @@ def load_model(source=None, *, dtype=np.float32, keep_quantized=True):
     """A frozen model from `source`: None (the default SmolLM2-135M-Instruct), a Hugging Face folder,
     or a `.gguf` file. The result has `.config`, `.tokenizer` and `.logits(...)`.
 
-    keep_quantized: a GGUF's Q4_1 / Q8_0 linear weights stay in their blocks (`QuantizedWeight`,
-    dequantized inside the C++ GEMM: SmolLM2's layers take 66 MB instead of 425 MB, same values);
-    False (or dtype float64) expands them to dtype. Float files and the embedding table load as dtype."""
+    keep_quantized: a GGUF's matrices (linear layers, embedding table, output head) stay in their
+    file's format, quantized or 16-bit (`QuantizedWeight`, dequantized inside the C++ GEMM, or row
+    by row when the embedding table is gathered: the same values); False (or dtype float64) expands
+    them to dtype. Float files load as dtype."""
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"source: {str(path)!r} does not exist")
@@ -491,7 +493,7 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         fmt = t.tensor_type.name.lower()
         if keep and keep_quantized and dtype == np.float32 and fmt in FORMATS and len(shape) == 2:
             # Copied too, for the same reason as below.
-            return QuantizedWeight(np.array(t.data, copy=True).reshape(shape[0], -1), fmt, shape[1])
+            return QuantizedWeight(np.array(t.data, copy=True).view(np.uint8).reshape(shape[0], -1), fmt, shape[1])
         a = gguf.quants.dequantize(t.data, t.tensor_type)
         # A copy, always: a float32 tensor comes back as a view of the memory-mapped file, and one
         # such view would keep the whole file mapped (~100 MB of resident pages for SmolLM2).
@@ -500,8 +502,8 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     heads = int(_gguf_field(reader, "llama.attention.head_count"))
     kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
     hidden = int(_gguf_field(reader, "llama.embedding_length"))
-    embed = get("token_embd.weight")
-    output = get("output.weight", optional=True)
+    embed = get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
+    output = get("output.weight", optional=True, keep=True)
     config = ModelConfig(
         arch="llama",
         num_layers=int(_gguf_field(reader, "llama.block_count")),

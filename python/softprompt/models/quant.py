@@ -99,3 +99,49 @@ class QuantizedWeight:
             raise ValueError("a QuantizedWeight has no float array to share: dequantizing makes a copy")
         return self.dequantize(np.float32 if dtype is None else dtype)
 
+
+
+class StackedWeight:
+    """Row-stacked weights kept in their own formats: W [sum of rows, cols] = [parts[0]; parts[1]; ...]
+    (a Q4_K_M file has attn_q in Q4_K beside attn_v in Q6_K, so Llama's fused q/k/v cannot be one
+    block array). The linear ops run one GEMM per part (ops.linear_forward / linear_backward);
+    a row slice that is exactly one part (`w[a:b]`) gives that part."""
+
+    __slots__ = ("parts", "shape")
+    ndim = 2
+
+    def __init__(self, parts):
+        parts = list(parts)
+        if not parts or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("parts: expected weights with one column count, got "
+                             + ", ".join(str(p.shape) for p in parts))
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    dtype = property(lambda self: np.dtype(np.float32))
+    size = property(lambda self: self.shape[0] * self.shape[1])
+    nbytes = property(lambda self: sum(p.nbytes for p in self.parts))
+
+    def __repr__(self):
+        return f"StackedWeight({', '.join(repr(p) for p in self.parts)})"
+
+    def __getitem__(self, rows):
+        start = 0
+        for p in self.parts:
+            if isinstance(rows, slice) and rows.step in (None, 1) and (rows.start or 0, rows.stop) == (start, start + p.shape[0]):
+                return p
+            start += p.shape[0]
+        if isinstance(rows, slice):
+            raise TypeError(f"rows: a StackedWeight slices into whole parts, got {rows!r}")
+        return self.dequantize()[np.asarray(rows)]
+
+    def dequantize(self, dtype=np.float32):
+        return np.concatenate([np.asarray(p, dtype=dtype) for p in self.parts])
+
+    def astype(self, dtype, copy=True):
+        return self.dequantize(dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a StackedWeight has no float array to share: dequantizing makes a copy")
+        return self.dequantize(np.float32 if dtype is None else dtype)
