@@ -263,9 +263,19 @@ def test_16_bit_folders_and_adapters_are_read(dtype, tmp_path, rng):
     with torch.no_grad():
         want = ref(input_ids=torch.tensor(ids)).logits.numpy()
     ours = load_model(tmp_path / "half")
-    assert ours.embed.dtype == np.float32
-    np.testing.assert_array_equal(ours.embed, ref.model.embed_tokens.weight.detach().numpy())  # exact widening
+    fmt = {"bfloat16": "bf16", "float16": "f16"}[dtype]
+    # the matrices stay 16-bit (the GEMM widens them in its panels), the norms are float32
+    assert ours.embed.format == fmt and ours.layers[0]["qkv"].format == fmt and ours.layers[1]["down"].format == fmt
+    assert ours.layers[0]["attn_norm"].dtype == np.float32
+    from test_gguf_formats import matrix_bytes
+
+    file_bytes = sum(f.stat().st_size for f in (tmp_path / "half").glob("*.safetensors"))
+    assert matrix_bytes(ours) <= 1.1 * file_bytes
+    np.testing.assert_array_equal(np.asarray(ours.embed), ref.model.embed_tokens.weight.detach().numpy())  # exact
     _close(ours.logits(ids), want)
+    expanded = load_model(tmp_path / "half", keep_quantized=False)  # float32 arrays: the same logits
+    assert isinstance(expanded.embed, np.ndarray) and expanded.embed.dtype == np.float32
+    np.testing.assert_allclose(expanded.logits(ids), ours.logits(ids), rtol=1e-5, atol=1e-6)
     assert cli.main(["info", "--model", str(tmp_path / "half")]) == 0
     # an adapter PEFT saved in that dtype
     pcfg = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=3)
@@ -285,3 +295,18 @@ def test_unreadable_weight_files_are_named(tmp_path):
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",\n')
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_model(tmp_path / "hf")
+
+
+def test_16_bit_gpt2_folder_keeps_its_transposed_matrices_16_bit(tmp_path, rng):
+    """GPT-2's Conv1D weights ([in, out] in the file) are transposed at load and stay bfloat16."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "g")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
+    ours = load_model(tmp_path / "g")
+    assert ours.layers[0]["c_attn"].format == "bf16" and ours.layers[0]["c_attn"].shape == (96, 32)
+    ids = rng.integers(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        _close(ours.logits(ids), ref(input_ids=torch.tensor(ids)).logits.numpy())

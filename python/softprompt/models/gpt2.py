@@ -90,18 +90,13 @@ def gpt2_from_hf(cfg, w, tokenizer, source):
         p = f"h.{i}."
         layers.append({
             "ln_1": w(p + "ln_1.weight"), "ln_1_bias": w(p + "ln_1.bias"),
-            "c_attn": _rows(w(p + "attn.c_attn.weight")), "c_attn_bias": w(p + "attn.c_attn.bias"),
-            "c_proj": _rows(w(p + "attn.c_proj.weight")), "c_proj_bias": w(p + "attn.c_proj.bias"),
+            "c_attn": w.matrix(p + "attn.c_attn.weight", transpose=True), "c_attn_bias": w(p + "attn.c_attn.bias"),
+            "c_proj": w.matrix(p + "attn.c_proj.weight", transpose=True), "c_proj_bias": w(p + "attn.c_proj.bias"),
             "ln_2": w(p + "ln_2.weight"), "ln_2_bias": w(p + "ln_2.bias"),
-            "fc": _rows(w(p + "mlp.c_fc.weight")), "fc_bias": w(p + "mlp.c_fc.bias"),
-            "mlp_proj": _rows(w(p + "mlp.c_proj.weight")), "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
+            "fc": w.matrix(p + "mlp.c_fc.weight", transpose=True), "fc_bias": w(p + "mlp.c_fc.bias"),
+            "mlp_proj": w.matrix(p + "mlp.c_proj.weight", transpose=True), "mlp_proj_bias": w(p + "mlp.c_proj.bias"),
         })
-    lm_head = None if config.tie_word_embeddings else w("lm_head.weight", optional=True)
-    return GPT2(config, w("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer,
+    lm_head = None if config.tie_word_embeddings else w.matrix("lm_head.weight", optional=True)
+    return GPT2(config, w.matrix("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer,
                 lm_head)
 
-
-def _rows(conv1d_weight):
-    """A Conv1D weight [in, out] as a linear weight [out, in], C-contiguous (copied once at load) so
-    the C++ GEMM takes it; a transposed view would go to NumPy's BLAS, on a second thread pool."""
-    return np.ascontiguousarray(conv1d_weight.T)

@@ -55,7 +55,7 @@ def load_model(source=None, *, dtype=np.float32, keep_quantized=True):
         raise FileNotFoundError(f"source: {str(path)!r} does not exist")
     retain_freed_memory()
     if path.is_dir():
-        return _load_hf_folder(path, np.dtype(dtype))
+        return _load_hf_folder(path, np.dtype(dtype), keep_quantized)
     if path.suffix == ".gguf":
         return _load_gguf(path, np.dtype(dtype), keep_quantized)
     raise ValueError(f"source: expected a Hugging Face model folder or a .gguf file, got {str(path)!r}")
@@ -133,10 +133,23 @@ def _strip_prefixes(tensors, prefixes):
 
 
 class _Weights:
-    """Tensor lookup with a clear error for a missing key, cast to the model dtype."""
+    """Tensor lookup with a clear error for a missing key, cast to the model dtype; `matrix` keeps a
+    16-bit weight matrix 16-bit (keep_16bit)."""
 
-    def __init__(self, tensors, dtype, source):
+    def __init__(self, tensors, dtype, source, keep_16bit=False):
         self.t, self.dtype, self.source = tensors, dtype, source
+        self.keep_16bit = keep_16bit and dtype == np.float32
+
+    def matrix(self, name, optional=False, transpose=False):
+        """A weight matrix [out, in] (transpose: stored [in, out], as GPT-2's Conv1D): a bfloat16 or
+        float16 one stays 16-bit, a QuantizedWeight the GEMM widens in its panels (exact), when
+        keep_16bit; else the float array."""
+        t = self.t.get(name)
+        if t is not None and self.keep_16bit and t.ndim == 2 and t.dtype.name in ("bfloat16", "float16"):
+            a = np.ascontiguousarray(t.T if transpose else t)
+            return QuantizedWeight(a.view(np.uint8), "bf16" if t.dtype.name == "bfloat16" else "f16", a.shape[1])
+        a = self(name, optional)
+        return a if a is None or not transpose else np.ascontiguousarray(a.T)
 
     def __call__(self, name, optional=False):
         if name not in self.t:
@@ -167,7 +180,7 @@ def _tokenizer_from_folder(folder: Path):
     return tok
 
 
-def _load_hf_folder(folder: Path, dtype):
+def _load_hf_folder(folder: Path, dtype, keep_16bit=True):
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"source: {str(folder)!r} has no config.json")
@@ -177,7 +190,7 @@ def _load_hf_folder(folder: Path, dtype):
         raise ValueError(f"{cfg_file}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
-    model = _model_from_folder(folder, cfg, dtype)
+    model = _model_from_folder(folder, cfg, dtype, keep_16bit)
     model.chat_template = _chat_template_from_folder(folder)
     return model
 
@@ -207,16 +220,17 @@ def _chat_template_from_folder(folder: Path):
     return ChatTemplate(template, token("bos_token"), token("eos_token"))
 
 
-def _model_from_folder(folder, cfg, dtype):
+def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
     if model_type in ("llama", "qwen2", "mistral"):
-        return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder))
+        return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder), keep_16bit)
     if model_type == "gpt2":
         from .gpt2 import gpt2_from_hf
 
-        return gpt2_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("transformer.",)), dtype, str(folder)), tokenizer, str(folder))
+        w = _Weights(_strip_prefixes(tensors, ("transformer.",)), dtype, str(folder), keep_16bit)
+        return gpt2_from_hf(cfg, w, tokenizer, str(folder))
     if model_type == "bert":
         from .bert import bert_from_hf
 
@@ -224,10 +238,10 @@ def _model_from_folder(folder, cfg, dtype):
     raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, mistral, gpt2, bert)")
 
 
-def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
+def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
     from .llama import Llama
 
-    w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source)
+    w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source, keep_16bit)
     heads = cfg["num_attention_heads"]
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -256,14 +270,14 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         p = f"layers.{i}."
         layer = {
             "attn_norm": w(p + "input_layernorm.weight"),
-            "q": w(p + "self_attn.q_proj.weight"),
-            "k": w(p + "self_attn.k_proj.weight"),
-            "v": w(p + "self_attn.v_proj.weight"),
-            "o": w(p + "self_attn.o_proj.weight"),
+            "q": w.matrix(p + "self_attn.q_proj.weight"),
+            "k": w.matrix(p + "self_attn.k_proj.weight"),
+            "v": w.matrix(p + "self_attn.v_proj.weight"),
+            "o": w.matrix(p + "self_attn.o_proj.weight"),
             "mlp_norm": w(p + "post_attention_layernorm.weight"),
-            "gate": w(p + "mlp.gate_proj.weight"),
-            "up": w(p + "mlp.up_proj.weight"),
-            "down": w(p + "mlp.down_proj.weight"),
+            "gate": w.matrix(p + "mlp.gate_proj.weight"),
+            "up": w.matrix(p + "mlp.up_proj.weight"),
+            "down": w.matrix(p + "mlp.down_proj.weight"),
         }
         # attention_bias (q/k/v and o), Qwen2's q/k/v biases, mlp_bias (gate/up/down): whatever the
         # checkpoint holds is used; a bias it lacks is zero, as in a layer built without one.
@@ -276,10 +290,10 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source):
         layers.append(layer)
     lm_head = None
     if not config.tie_word_embeddings:
-        lm_head = w("lm_head.weight", optional=True)
+        lm_head = w.matrix("lm_head.weight", optional=True)
         if lm_head is None:  # some checkpoints tie without saying so
-            lm_head = w("embed_tokens.weight")
-    return Llama(config, w("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
+            lm_head = w.matrix("embed_tokens.weight")
+    return Llama(config, w.matrix("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
 
 
 def _sliding_window_from_hf(cfg):
