@@ -430,52 +430,55 @@ def _gguf_tokenizer(reader):
 # The llama.* keys the loader reads (or knows to change nothing: llama.vocab_size is the embedding
 # table's rows); any other key of the architecture is refused, so a setting that changes the
 # forward pass is never dropped unread.
-_GGUF_KEYS = {"llama.block_count", "llama.context_length", "llama.embedding_length", "llama.feed_forward_length",
-              "llama.attention.head_count", "llama.attention.head_count_kv", "llama.attention.layer_norm_rms_epsilon",
-              "llama.rope.freq_base", "llama.rope.dimension_count", "llama.vocab_size", "llama.rope.scaling.type",
-              "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length",
-              "llama.attention.key_length", "llama.attention.value_length", "llama.expert_count",
-              "llama.expert_used_count"}
+# The `<arch>.*` keys the loader reads (or checks and refuses when they change the math).
+_GGUF_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
+              "rope.dimension_count", "vocab_size", "rope.scaling.type", "rope.scaling.factor",
+              "rope.scaling.original_context_length", "attention.key_length", "attention.value_length",
+              "expert_count", "expert_used_count"}
+# GGUF architectures the Llama code runs: Mistral files are written as "llama"; Qwen2 has q/k/v
+# biases and its converter leaves the Q/K rows as they are (NEOX-style RoPE: rotate-half already).
+_GGUF_ARCHS = ("llama", "qwen2")
 
 
-def _check_gguf_keys(reader, path):
-    unknown = sorted(k for k in reader.fields if k.startswith("llama.") and k not in _GGUF_KEYS)
+def _check_gguf_keys(reader, path, arch):
+    unknown = sorted(k for k in reader.fields if k.startswith(arch + ".") and k[len(arch) + 1:] not in _GGUF_KEYS)
     if unknown:
-        raise ValueError(f"{path}: GGUF keys {unknown} are not supported by the llama loader")
-    heads, hidden = _gguf_field(reader, "llama.attention.head_count"), _gguf_field(reader, "llama.embedding_length")
-    for key in ("llama.attention.key_length", "llama.attention.value_length"):
+        raise ValueError(f"{path}: GGUF keys {unknown} are not supported by the {arch} loader")
+    heads, hidden = _gguf_field(reader, f"{arch}.attention.head_count"), _gguf_field(reader, f"{arch}.embedding_length")
+    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
         value = _gguf_field(reader, key)
         if value is not None and heads and int(value) != int(hidden) // int(heads):
             raise ValueError(f"{path}: {key} {value} is not supported (only embedding_length / head_count = "
                              f"{int(hidden) // int(heads)})")
-    for key in ("llama.expert_count", "llama.expert_used_count"):
+    for key in (f"{arch}.expert_count", f"{arch}.expert_used_count"):
         if _gguf_field(reader, key) not in (None, 0):
             raise ValueError(f"{path}: {key} {_gguf_field(reader, key)} is not supported (mixture of experts)")
 
 
-def _gguf_rope_scaling(reader, freq_factors, head_dim, path):
+def _gguf_rope_scaling(reader, freq_factors, head_dim, path, arch="llama"):
     """The RopeScaling of a llama GGUF: `llama.rope.scaling.type` none or linear (with its factor),
     and llama.cpp's `rope_freqs` tensor (Llama 3.x's frequency scaling stored as divisors). Other
     scaling types and keys are refused with a ValueError naming them."""
     from .base import RopeScaling
 
-    dims = _gguf_field(reader, "llama.rope.dimension_count")
+    dims = _gguf_field(reader, f"{arch}.rope.dimension_count")
     if dims is not None and int(dims) != head_dim:
-        raise ValueError(f"{path}: llama.rope.dimension_count {dims} is not supported (RoPE on the whole head, "
+        raise ValueError(f"{path}: {arch}.rope.dimension_count {dims} is not supported (RoPE on the whole head, "
                          f"{head_dim})")
-    kind = _gguf_field(reader, "llama.rope.scaling.type", "none")
-    keys = sorted(k for k in reader.fields if k.startswith("llama.rope.scaling.") and k not in (
-        "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.rope.scaling.original_context_length"))
+    kind = _gguf_field(reader, f"{arch}.rope.scaling.type", "none")
+    keys = sorted(k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.") and k not in (
+        f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.factor", f"{arch}.rope.scaling.original_context_length"))
     if kind not in ("none", "linear") or keys:
         raise ValueError(f"{path}: RoPE scaling {kind!r} with keys {keys} is not supported in GGUF files "
-                         "(llama.rope.scaling.type none or linear, and the rope_freqs tensor)")
+                         f"({arch}.rope.scaling.type none or linear, and the rope_freqs tensor)")
     factors = None
     if freq_factors is not None:
         factors = tuple(float(f) for f in np.asarray(freq_factors, dtype=np.float64).reshape(-1))
         if len(factors) != head_dim // 2:
             raise ValueError(f"{path}: rope_freqs has {len(factors)} values, expected head_dim / 2 = {head_dim // 2}")
     if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=float(_gguf_field(reader, "llama.rope.scaling.factor", 1.0)),
+        return RopeScaling(rope_type="linear", factor=float(_gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0)),
                            freq_factors=factors)
     return RopeScaling(freq_factors=factors)
 
@@ -490,9 +493,9 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as exc:
         raise ValueError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"source: GGUF architecture {arch!r} is not supported (llama)")
-    _check_gguf_keys(reader, path)
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"source: GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_ARCHS)})")
+    _check_gguf_keys(reader, path, arch)
     tensors = {t.name: t for t in reader.tensors}
     used = set()
 
@@ -513,38 +516,41 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         # such view would keep the whole file mapped (~100 MB of resident pages for SmolLM2).
         return np.array(a.reshape(shape), dtype=dtype, order="C", copy=True)
 
-    heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
-    hidden = int(_gguf_field(reader, "llama.embedding_length"))
+    heads = int(_gguf_field(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", heads))
+    hidden = int(_gguf_field(reader, f"{arch}.embedding_length"))
     embed = get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
     output = get("output.weight", optional=True, keep=True)
     config = ModelConfig(
         arch="llama",
-        num_layers=int(_gguf_field(reader, "llama.block_count")),
+        num_layers=int(_gguf_field(reader, f"{arch}.block_count")),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=hidden // heads,
         hidden_size=hidden,
         vocab_size=embed.shape[0],
-        intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length")),
-        norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-        rope_scaling=_gguf_rope_scaling(reader, get("rope_freqs.weight", optional=True), hidden // heads, path),
-        max_position_embeddings=int(_gguf_field(reader, "llama.context_length", 2048)),
+        intermediate_size=int(_gguf_field(reader, f"{arch}.feed_forward_length")),
+        norm_eps=float(_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_gguf_rope_scaling(reader, get("rope_freqs.weight", optional=True), hidden // heads, path, arch),
+        max_position_embeddings=int(_gguf_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings=output is None,
-        model_type="llama",
+        model_type=arch,
+        attention_bias=arch == "qwen2",
         name_or_path=str(path),
         bos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
         eos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
         pad_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.padding_token_id")),
     )
+    # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2 one does not.
+    unpermute = _unpermute if arch == "llama" else (lambda w, n: w)
     layers = []
     for i in range(config.num_layers):
         p = f"blk.{i}."
         layers.append({
             "attn_norm": get(p + "attn_norm.weight"),
-            "q": _unpermute(get(p + "attn_q.weight", keep=True), heads),
-            "k": _unpermute(get(p + "attn_k.weight", keep=True), kv_heads),
+            "q": unpermute(get(p + "attn_q.weight", keep=True), heads),
+            "k": unpermute(get(p + "attn_k.weight", keep=True), kv_heads),
             "v": get(p + "attn_v.weight", keep=True),
             "o": get(p + "attn_output.weight", keep=True),
             "mlp_norm": get(p + "ffn_norm.weight"),
@@ -552,11 +558,15 @@ def _load_gguf(path: Path, dtype, keep_quantized):
             "up": get(p + "ffn_up.weight", keep=True),
             "down": get(p + "ffn_down.weight", keep=True),
         })
+        for name in ("q", "k", "v") if arch == "qwen2" else ():  # Qwen2's q/k/v biases (a llama file's: refused below)
+            bias = get(p + f"attn_{name}.bias", optional=True)
+            if bias is not None:
+                layers[-1][name + "_bias"] = bias
     final_norm = get("output_norm.weight")
     unused = sorted(set(tensors) - used)
     if unused:  # a bias, an expert, ...: a weight the llama forward would silently leave out
         raise ValueError(f"{path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
-                         "(a llama GGUF without them)")
+                         f"(a {arch} GGUF without them)")
     model = Llama(config, embed, layers, final_norm, output, _gguf_tokenizer(reader))
     model.chat_template = _gguf_chat_template(reader)
     return model
