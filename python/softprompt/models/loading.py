@@ -100,23 +100,90 @@ def read_safetensors(file):
         raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
+class FileTensor:
+    """One tensor of a weights file, read when asked (`read()`: a new array) with plain file reads:
+    a memory map would keep every page it touched resident (counted in the process's memory) until
+    the whole file is unmapped, so a model would briefly take its size twice. The loaders read a
+    tensor, convert or stack it, and drop it, so loading holds each weight once."""
+
+    __slots__ = ("file", "dtype", "shape", "offset", "nbytes")
+
+    def __init__(self, file, dtype, shape, offset, nbytes):
+        self.file, self.dtype, self.shape, self.offset, self.nbytes = file, np.dtype(dtype), tuple(shape), offset, nbytes
+
+    ndim = property(lambda self: len(self.shape))
+
+    def read(self):
+        out = np.empty(self.shape, dtype=self.dtype)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != self.nbytes:
+                raise ValueError(f"{self.file}: not a readable weights file (a tensor ends past the file's end)")
+        return out
+
+
+# safetensors' dtype names (its format: an 8-byte little-endian header size, a JSON header of
+# {name: {dtype, shape, data_offsets: [begin, end]}} relative to the data after the header, the data)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_index(file):
+    """{name: FileTensor} of a safetensors file, from its header (the tensors are not read). A
+    file that is not one raises a ValueError naming it and the reason."""
+    import ml_dtypes  # registers bfloat16 with NumPy
+
+    file = Path(file)
+
+    def bad(reason):
+        return ValueError(f"{file}: not a readable safetensors file ({reason})")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise bad(f"a header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad(f"its header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"tensor {name!r}: {type(exc).__name__} {exc}") from None
+        want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - n or end - begin != want:
+            raise bad(f"tensor {name!r}: {info['dtype']} {shape} at bytes [{begin}, {end}) of {size - 8 - n}")
+        out[name] = FileTensor(file, dtype, shape, 8 + n + begin, end - begin)
+    return out
+
+
 def _read_safetensors(folder: Path):
+    """{name: FileTensor} of a folder's weights (sharded or not); nothing read yet."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_safetensors(folder / shard))
-        return tensors
-    files = sorted(folder.glob("*.safetensors"))
+        files = [folder / shard for shard in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"source: no *.safetensors weights in {str(folder)!r}")
     tensors = {}
     for f in files:
-        tensors.update(read_safetensors(f))
+        tensors.update(safetensors_index(f))
     return tensors
 
 
@@ -133,8 +200,8 @@ def _strip_prefixes(tensors, prefixes):
 
 
 class _Weights:
-    """Tensor lookup with a clear error for a missing key, cast to the model dtype; `matrix` keeps a
-    16-bit weight matrix 16-bit (keep_16bit)."""
+    """Tensor lookup (FileTensors, read on each call) with a clear error for a missing key, cast to
+    the model dtype; `matrix` keeps a 16-bit weight matrix 16-bit (keep_16bit)."""
 
     def __init__(self, tensors, dtype, source, keep_16bit=False):
         self.t, self.dtype, self.source = tensors, dtype, source
@@ -146,7 +213,8 @@ class _Weights:
         keep_16bit; else the float array."""
         t = self.t.get(name)
         if t is not None and self.keep_16bit and t.ndim == 2 and t.dtype.name in ("bfloat16", "float16"):
-            a = np.ascontiguousarray(t.T if transpose else t)
+            a = t.read()
+            a = np.ascontiguousarray(a.T) if transpose else a
             return QuantizedWeight(a.view(np.uint8), "bf16" if t.dtype.name == "bfloat16" else "f16", a.shape[1])
         a = self(name, optional)
         return a if a is None or not transpose else np.ascontiguousarray(a.T)
@@ -156,7 +224,7 @@ class _Weights:
             if optional:
                 return None
             raise KeyError(f"{self.source}: missing weight {name!r}")
-        return np.ascontiguousarray(self.t[name], dtype=self.dtype)
+        return np.ascontiguousarray(self.t[name].read(), dtype=self.dtype)
 
     def has(self, name):
         return name in self.t
@@ -288,12 +356,12 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
             if bias is not None:
                 layer[name + "_bias"] = bias
         layers.append(layer)
-    lm_head = None
+    embed, lm_head = w.matrix("embed_tokens.weight"), None
     if not config.tie_word_embeddings:
         lm_head = w.matrix("lm_head.weight", optional=True)
-        if lm_head is None:  # some checkpoints tie without saying so
-            lm_head = w.matrix("embed_tokens.weight")
-    return Llama(config, w.matrix("embed_tokens.weight"), layers, w("norm.weight"), lm_head, tokenizer)
+        if lm_head is None:  # some checkpoints tie without saying so: the same array, read once
+            lm_head = embed
+    return Llama(config, embed, layers, w("norm.weight"), lm_head, tokenizer)
 
 
 def _sliding_window_from_hf(cfg):
@@ -496,31 +564,32 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"source: GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_ARCHS)})")
     _check_gguf_keys(reader, path, arch)
-    tensors = {t.name: t for t in reader.tensors}
+    # Where each tensor lies; read below with plain file reads once the reader (its memory map, and
+    # its objects for every vocabulary string) is gone, so loading holds each weight once.
+    tensors = {t.name: (FileTensor(path, np.uint8, (int(t.n_bytes),), int(t.data_offset), int(t.n_bytes)),
+                        t.tensor_type, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
     used = set()
 
     def get(name, optional=False, keep=False):
         used.add(name)
-        t = tensors.get(name)
-        if t is None:
+        if name not in tensors:
             if optional:
                 return None
             raise KeyError(f"{path}: missing tensor {name!r}")
-        shape = tuple(int(n) for n in reversed(t.shape))
-        fmt = t.tensor_type.name.lower()
+        where, qtype, shape = tensors[name]
+        raw = where.read()
+        fmt = qtype.name.lower()
         if keep and keep_quantized and dtype == np.float32 and fmt in FORMATS and len(shape) == 2:
-            # Copied too, for the same reason as below.
-            return QuantizedWeight(np.array(t.data, copy=True).view(np.uint8).reshape(shape[0], -1), fmt, shape[1])
-        a = gguf.quants.dequantize(t.data, t.tensor_type)
-        # A copy, always: a float32 tensor comes back as a view of the memory-mapped file, and one
-        # such view would keep the whole file mapped (~100 MB of resident pages for SmolLM2).
-        return np.array(a.reshape(shape), dtype=dtype, order="C", copy=True)
+            return QuantizedWeight(raw.reshape(shape[0], -1), fmt, shape[1])
+        a = gguf.quants.dequantize(raw.view(np.float32) if qtype == gguf.GGMLQuantizationType.F32 else raw, qtype)
+        return np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(shape))
 
+    if "token_embd.weight" not in tensors:
+        raise KeyError(f"{path}: missing tensor 'token_embd.weight'")
     heads = int(_gguf_field(reader, f"{arch}.attention.head_count"))
     kv_heads = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", heads))
     hidden = int(_gguf_field(reader, f"{arch}.embedding_length"))
-    embed = get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
-    output = get("output.weight", optional=True, keep=True)
+    has_output = "output.weight" in tensors
     config = ModelConfig(
         arch="llama",
         num_layers=int(_gguf_field(reader, f"{arch}.block_count")),
@@ -528,13 +597,13 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         num_kv_heads=kv_heads,
         head_dim=hidden // heads,
         hidden_size=hidden,
-        vocab_size=embed.shape[0],
+        vocab_size=tensors["token_embd.weight"][2][0],
         intermediate_size=int(_gguf_field(reader, f"{arch}.feed_forward_length")),
         norm_eps=float(_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=_gguf_rope_scaling(reader, get("rope_freqs.weight", optional=True), hidden // heads, path, arch),
         max_position_embeddings=int(_gguf_field(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings=output is None,
+        tie_word_embeddings=not has_output,
         model_type=arch,
         attention_bias=arch == "qwen2",
         name_or_path=str(path),
@@ -542,6 +611,10 @@ def _load_gguf(path: Path, dtype, keep_quantized):
         eos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
         pad_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.padding_token_id")),
     )
+    tokenizer, chat_template = _gguf_tokenizer(reader), _gguf_chat_template(reader)
+    del reader
+    embed = get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
+    output = get("output.weight", optional=True, keep=True)
     # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2 one does not.
     unpermute = _unpermute if arch == "llama" else (lambda w, n: w)
     layers = []
@@ -567,8 +640,8 @@ def _load_gguf(path: Path, dtype, keep_quantized):
     if unused:  # a bias, an expert, ...: a weight the llama forward would silently leave out
         raise ValueError(f"{path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
                          f"(a {arch} GGUF without them)")
-    model = Llama(config, embed, layers, final_norm, output, _gguf_tokenizer(reader))
-    model.chat_template = _gguf_chat_template(reader)
+    model = Llama(config, embed, layers, final_norm, output, tokenizer)
+    model.chat_template = chat_template
     return model
 
 
