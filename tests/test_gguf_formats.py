@@ -220,3 +220,37 @@ def test_qwen2_gguf_matches_its_folder(tmp_path, rng):
     write(tmp_path / "bad.gguf", [("qwen2.attention.sliding_window", (64, gguf.GGUFValueType.UINT32))])
     with pytest.raises(ValueError, match=r"GGUF keys \['qwen2.attention.sliding_window'\] are not supported"):
         load_model(tmp_path / "bad.gguf")
+
+
+# VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss starts at its parent's (Linux keeps the
+# larger across fork and exec), and the parent here is pytest.
+LOAD_RSS = """
+import sys
+import softprompt
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith(key)) / 1024
+
+before = status("VmRSS")
+model = softprompt.load_model(sys.argv[1])
+print(before, status("VmHWM"), status("VmRSS"))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_a_folder_holds_each_weight_once(dtype, tmp_path):
+    """The process's peak memory while loading a folder stays within 1.1x of what the loaded model
+    keeps (a fresh process, so the peak is the load's)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(tmp_path / "m")
+    out = subprocess.run([sys.executable, "-c", LOAD_RSS, str(tmp_path / "m")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, peak, after = map(float, out.stdout.split())
+    held = after - before  # MiB the loaded model keeps (~100 MiB of weights in float32)
+    assert held > 40 and peak - before <= 1.1 * held, (before, peak, after)
