@@ -75,7 +75,7 @@ def _direct_scores(model, adapter, e):
 
 
 @pytest.mark.parametrize("kind", [None, "prompt", "prompt_unshared", "prefix", "projection"])
-@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("window", [None, 4, 12])  # 12: the prefix within reach of some queries, not all
 def test_rank_scores_are_the_summed_token_log_probabilities(rng, kind, window, monkeypatch):
     model = _model(rng, window=window)
     if kind == "prompt_unshared":
@@ -165,7 +165,8 @@ def test_bad_label_words_are_refused(rng):
     cases = [({"negative": "", "positive": " good"}, "'negative'.s words '' tokenize to nothing"),
              ({"negative": " good ", "positive": " good"}, "'negative' and 'positive' have the same tokens"),
              ({"negative": " bad"}, r"none for \['positive'\]"),
-             ({"negative": " bad", "positive": " good", "neutral": " w1"}, r"unknown \['neutral'\]")]
+             ({"negative": " bad", "positive": " good", "neutral": " w1"}, r"unknown \['neutral'\]"),
+             ({"negative": " good", "positive": " good w1"}, "'negative'.s tokens begin 'positive'.s")]
     for words, message in cases:
         with pytest.raises(ValueError, match="label_words: .*" + message):
             Task(model, ds, label_words=words)

@@ -362,5 +362,9 @@ def test_continuation_rows_see_what_the_whole_sequence_sees(hf_models, arch, kin
         np.testing.assert_allclose(hidden_c[r, :e], whole[n:], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="continuations need a right-padded batch"):
         model.forward(ids, mask[:, ::-1], adapter=adapter, continuations=cont)
+    with pytest.raises(ValueError, match="continuations: take input_ids"):
+        model.forward(ids, mask, adapter=adapter, continuations=cont, keep_virtual=True)
+    with pytest.raises(ValueError, match="continuations: mask expected right-padded"):
+        model.forward(ids, mask, adapter=adapter, continuations=Continuations(cont.rows, cont.ids, cont.mask[:, ::-1]))
     with pytest.raises(ValueError, match=r"continuations: expected 4 rows in \[0, 3\)"):
         model.forward(ids, mask, adapter=adapter, continuations=Continuations(np.array([0, 1, 2, 3]), cont.ids, cont.mask))

@@ -286,6 +286,12 @@ def _split_label_tokens(tokenizer, prompt, ids, label_words, labels):
     if len(set(conts)) < len(conts):
         same = [n for n, c in zip(labels, conts) if conts.count(c) > 1]
         raise ValueError(f"label_words: labels {same} get the same tokens after {prompt[-40:]!r}")
+    for a, ca in zip(labels, conts):  # log-probabilities only add up: the longer could never win
+        for b, cb in zip(labels, conts):
+            if len(ca) < len(cb) and cb[:len(ca)] == ca:
+                raise ValueError(f"label_words: {a!r}'s tokens begin {b!r}'s after {prompt[-40:]!r}, so {b!r} "
+                                 f"(the same tokens plus more, each with log-probability <= 0) could never score "
+                                 "higher; choose words that differ")
     return ids[:shared], conts
 
 

@@ -114,14 +114,15 @@ class Continuations:
 @dataclass
 class ContinuationLayout:
     """Where a Continuations' past keys lie in the packed rows: index [R, S] (left-padded, 0 where
-    index_mask is False) into the first P + B*T packed rows; groups: the rows attended together
-    (all, or under a sliding window those whose pasts have one length, so no padding shifts a
-    key's distance)."""
+    index_mask is False) into the first P + B*T packed rows; groups: (rows, width) attended
+    together, their pasts cut to their last `width` slots (all rows with the full width S, or under
+    a sliding window the rows whose pasts have one length, unpadded, so no padding shifts a key's
+    distance, the layer prefix's included)."""
 
     index: np.ndarray  # int [R, S]
     index_mask: np.ndarray  # bool [R, S]
     own_mask: np.ndarray | None  # bool [R, E] (None: nothing padded)
-    groups: list  # int arrays of rows
+    groups: list  # (int array of rows, width)
 
 
 @dataclass
@@ -333,12 +334,13 @@ class Transformer:
         n = P + B * T
         return a[:, :P], a[0, P:n].reshape(B, T, *a.shape[2:]), a[0, n:n + R * E].reshape(R, E, *a.shape[2:])
 
-    def _continuation_keys(self, layout, g, k_main, k_own):
-        """Group g's keys: its rows' past keys gathered from k_main [P + B*T, Hkv, D], then their
-        own k_own [R, E, Hkv, D] -> [r, S + E, Hkv, D] and the key mask [r, S + E]."""
+    def _continuation_keys(self, layout, g, width, k_main, k_own):
+        """Group g's keys: its rows' last `width` past keys gathered from k_main [P + B*T, Hkv, D],
+        then their own k_own [R, E, Hkv, D] -> [r, width + E, Hkv, D] and the key mask."""
         own_mask = np.ones(k_own.shape[:2], dtype=bool) if layout.own_mask is None else layout.own_mask
-        return (np.concatenate([k_main[layout.index[g]], k_own[g]], axis=1),
-                np.concatenate([layout.index_mask[g], own_mask[g]], axis=1))
+        cut = layout.index.shape[1] - width
+        return (np.concatenate([k_main[layout.index[g, cut:]], k_own[g]], axis=1),
+                np.concatenate([layout.index_mask[g, cut:], own_mask[g]], axis=1))
 
     def _packed_attention(self, i, q, k, v, ctx):
         packed, window, scale = ctx.packed, self.attention_window(i), self.attention_scale(i)
@@ -356,9 +358,9 @@ class Transformer:
         layout = packed.continuation
         if layout is not None:
             k_main, v_main = k[0, :P + B * T], v[0, :P + B * T]
-            for g in layout.groups:
-                kg, mask = self._continuation_keys(layout, g, k_main, kc)
-                vg, _ = self._continuation_keys(layout, g, v_main, vc)
+            for g, width in layout.groups:
+                kg, mask = self._continuation_keys(layout, g, width, k_main, kc)
+                vg, _ = self._continuation_keys(layout, g, width, v_main, vc)
                 out_c[g], lse = ops.prefix_attention_forward(qc[g], kg, vg, pk, pv, causal=True, key_padding_mask=mask,
                                                              window=window, scale=scale)
                 lse_c.append(lse)
@@ -384,18 +386,18 @@ class Transformer:
             R, E = packed.continuation_shape
             dq_c, dk_c, dv_c = (x[n:].reshape(R, E, *x.shape[1:]) for x in (dq, dk, dv))
             k_main, v_main = k[0, :n], v[0, :n]
-            for g, lse_g in zip(layout.groups, lse_c):
-                kg, mask = self._continuation_keys(layout, g, k_main, kc)
-                vg, _ = self._continuation_keys(layout, g, v_main, vc)
+            for (g, width), lse_g in zip(layout.groups, lse_c):
+                kg, mask = self._continuation_keys(layout, g, width, k_main, kc)
+                vg, _ = self._continuation_keys(layout, g, width, v_main, vc)
                 dq_c[g], dkg, dvg, dpk, dpv = _attention_backward_rows(dc[g], qc[g], kg, vg, pk, pv, oc[g], lse_g,
                                                                        True, mask, window, scale)
-                S = layout.index.shape[1]
-                dk_c[g], dv_c[g] = dkg[:, S:], dvg[:, S:]
+                dk_c[g], dv_c[g] = dkg[:, width:], dvg[:, width:]
+                cut = layout.index.shape[1] - width
                 for j, r in enumerate(g):
-                    sel = layout.index_mask[r]
-                    idx = layout.index[r, sel]  # distinct within a row: += adds each once
-                    past_k[idx] += dkg[j, :S][sel]
-                    past_v[idx] += dvg[j, :S][sel]
+                    sel = layout.index_mask[r, cut:]
+                    idx = layout.index[r, cut:][sel]  # distinct within a row: += adds each once
+                    past_k[idx] += dkg[j, :width][sel]
+                    past_v[idx] += dvg[j, :width][sel]
                 dprefix_k += dpk
                 dprefix_v += dpv
         if B:
@@ -443,9 +445,11 @@ class Transformer:
         pair (hidden [B, T, C], the continuation rows' hidden [R, E, C]), from one pass.
         """
         if continuations is not None:
-            return self._forward_packed(adapter, self.embed_tokens(_as_ids(input_ids, self.config.vocab_size)),
-                                        _as_mask(attention_mask, np.shape(input_ids)), keep_cache, False,
-                                        continuations)
+            if inputs_embeds is not None or token_type_ids is not None or keep_virtual:
+                raise ValueError("continuations: take input_ids (not inputs_embeds), no token_type_ids, no keep_virtual")
+            ids = _as_ids(input_ids, self.config.vocab_size)
+            return self._forward_packed(adapter, self.embed_tokens(ids), _as_mask(attention_mask, ids.shape),
+                                        keep_cache, False, continuations)
         shared = token_type_ids is None and self.shares_prompt_rows(adapter)
         if inputs_embeds is None:
             x = self.embed_tokens(_as_ids(input_ids, self.config.vocab_size))
@@ -506,6 +510,9 @@ class Transformer:
             raise TypeError(f"continuations: expected a Continuations, got {type(cont).__name__}")
         B, T = mask.shape
         rows = np.asarray(cont.rows, dtype=np.int64)
+        if np.ndim(cont.ids) != 2 or np.size(cont.ids) == 0:
+            raise ValueError(f"continuations: ids expected [R, E] with R, E >= 1 (no rows: pass None), got shape "
+                             f"{np.shape(cont.ids)}")
         xc = self.embed_tokens(_as_ids(cont.ids, self.config.vocab_size))
         R, E = xc.shape[:2]
         own = _as_mask(cont.mask, (R, E))
@@ -513,6 +520,8 @@ class Transformer:
             raise ValueError(f"continuations: expected {R} rows in [0, {B}), got {rows.tolist()}")
         if any(m.any() and not m[:m.sum()].all() for m in mask):
             raise ValueError("attention_mask: continuations need a right-padded batch")
+        if any(not m[:m.sum()].all() for m in own):
+            raise ValueError("continuations: mask expected right-padded rows (True first)")
         nxt = np.where(mask, pos, -1).max(axis=1) + 1  # after each sequence's last real token
         cpos = nxt[rows][:, None] + np.maximum(np.cumsum(own, axis=1) - 1, 0)
         # Past keys of row r: the prompt's rows, then its sequence's real ones, left-padded to the
@@ -524,13 +533,10 @@ class Transformer:
             slots = np.concatenate([np.arange(rows_p), rows_p + b * T + np.flatnonzero(mask[b])])
             index[r, S - len(slots):], index_mask[r, S - len(slots):] = slots, True
         windowed = any(self.attention_window(i) for i in range(self.config.num_layers))
-        if windowed:  # a window counts key slots: group equal pasts and cut their padding
-            groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
-            if groups:
-                width = int(lengths.max())
-                index, index_mask = index[:, S - width:], index_mask[:, S - width:]
+        if windowed:  # a window counts key slots: group equal pasts and cut all their padding
+            groups = [(np.flatnonzero(lengths == n), int(n)) for n in np.unique(lengths)]
         else:
-            groups = [np.arange(R)]
+            groups = [(np.arange(R), S)]
         layout = ContinuationLayout(index, index_mask, None if own.all() else own, groups)
         return xc, cpos, layout
 

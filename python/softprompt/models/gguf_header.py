@@ -16,6 +16,7 @@ values) and then reads each tensor once (`loading.FileTensor`). The format is GG
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,9 @@ class GGUFHeader:
                 dims = self._unpack(f"<{n_dims}Q", 8 * n_dims)
                 code, offset = self._unpack("<IQ", 12)
                 infos.append((name, dims, code, offset))
-            align = int(self.fields.get("general.alignment", 32))
+            align = self.fields.get("general.alignment", 32)
+            if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+                raise self._bad(f"general.alignment {align!r}: expected a positive integer")
             start = -(-self._f.tell() // align) * align
             self.tensors = []
             for name, dims, code, offset in infos:
@@ -75,7 +78,7 @@ class GGUFHeader:
                     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 except (ValueError, KeyError):
                     raise self._bad(f"tensor {name!r} has an unknown type {code}") from None
-                count = int(np.prod(dims, dtype=np.int64))
+                count = math.prod(int(d) for d in dims)  # Python ints: a damaged file cannot overflow them
                 if count % block:
                     raise self._bad(f"tensor {name!r}: {count} values are not whole {qtype.name} blocks of {block}")
                 n_bytes = count // block * type_size
@@ -107,7 +110,7 @@ class GGUFHeader:
         except UnicodeDecodeError as exc:
             raise self._bad(f"a string is not UTF-8 ({exc.reason})") from None
 
-    def _value(self, kind):
+    def _value(self, kind, depth=0):
         if kind in _SCALARS:
             fmt, n = _SCALARS[kind]
             return self._unpack(fmt, n)[0]
@@ -120,7 +123,7 @@ class GGUFHeader:
                 if count * size > self.size:
                     raise self._bad(f"an array of {count} values")
                 return np.frombuffer(self._read(count * size), dtype=_NUMPY[elem]).tolist()
-            if count > self.size:
-                raise self._bad(f"an array of {count} values")
-            return [self._value(elem) for _ in range(count)]
+            if count > self.size or (elem == 9 and depth >= 4):
+                raise self._bad(f"an array of {count} values" if count > self.size else "arrays nested too deep")
+            return [self._value(elem, depth + 1) for _ in range(count)]
         raise self._bad(f"an unknown metadata value type {kind}")

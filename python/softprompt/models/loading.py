@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,14 +108,18 @@ class FileTensor:
     the whole file is unmapped, so a model would briefly take its size twice. The loaders read a
     tensor, convert or stack it, and drop it, so loading holds each weight once."""
 
-    __slots__ = ("file", "dtype", "shape", "offset", "nbytes")
+    __slots__ = ("file", "dtype", "shape", "offset", "nbytes", "stored")
 
-    def __init__(self, file, dtype, shape, offset, nbytes):
-        self.file, self.dtype, self.shape, self.offset, self.nbytes = file, np.dtype(dtype), tuple(shape), offset, nbytes
+    def __init__(self, file, dtype, shape, offset, nbytes, stored=None):
+        self.file, self.shape, self.offset, self.nbytes = file, tuple(shape), offset, nbytes
+        self.dtype = None if dtype is None else np.dtype(dtype)  # None: a type NumPy has no name for (stored)
+        self.stored = stored
 
     ndim = property(lambda self: len(self.shape))
 
     def read(self):
+        if self.dtype is None:
+            raise ValueError(f"{self.file}: a tensor of type {self.stored} is not supported")
         out = np.empty(self.shape, dtype=self.dtype)
         with open(self.file, "rb") as f:
             f.seek(self.offset)
@@ -156,16 +161,17 @@ def safetensors_index(file):
         if name == "__metadata__":
             continue
         try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+            stored = info["dtype"]
+            dtype = _SAFETENSORS_DTYPES.get(stored)  # another (U32, F8_E4M3, ...) fails only when read
+            dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else None if dtype is None else np.dtype(dtype)
             shape = [int(d) for d in info["shape"]]
             begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise bad(f"tensor {name!r}: {type(exc).__name__} {exc}") from None
-        want = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - n or end - begin != want:
-            raise bad(f"tensor {name!r}: {info['dtype']} {shape} at bytes [{begin}, {end}) of {size - 8 - n}")
-        out[name] = FileTensor(file, dtype, shape, 8 + n + begin, end - begin)
+        want = math.prod(shape) * (np.dtype(dtype).itemsize if dtype is not None else 0)
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - n or (dtype is not None and end - begin != want):
+            raise bad(f"tensor {name!r}: {stored} {shape} at bytes [{begin}, {end}) of {size - 8 - n}")
+        out[name] = FileTensor(file, dtype, shape, 8 + n + begin, end - begin, stored)
     return out
 
 
@@ -213,7 +219,7 @@ class _Weights:
         float16 one stays 16-bit, a QuantizedWeight the GEMM widens in its panels (exact), when
         keep_16bit; else the float array."""
         t = self.t.get(name)
-        if t is not None and self.keep_16bit and t.ndim == 2 and t.dtype.name in ("bfloat16", "float16"):
+        if t is not None and self.keep_16bit and t.ndim == 2 and t.dtype is not None and t.dtype.name in ("bfloat16", "float16"):
             a = t.read()
             a = np.ascontiguousarray(a.T) if transpose else a
             return QuantizedWeight(a.view(np.uint8), "bf16" if t.dtype.name == "bfloat16" else "f16", a.shape[1])
