@@ -293,3 +293,14 @@ def _copy(model):
     new = object.__new__(type(model))
     new.__dict__.update(model.__dict__)
     return new
+
+
+def test_embedding_std_of_a_quantized_table_is_the_std_of_its_values(rng):
+    """PromptTuning's random init reads the table's standard deviation: a quantized table gives the
+    std of its dequantized values without expanding it whole (chunks of rows)."""
+    from softprompt.adapters import embedding_std
+
+    w = quantized(rng, 1000, 256, "q6_k")
+    assert embedding_std(w, rows=64) == pytest.approx(float(np.std(np.asarray(w).astype(np.float64))), rel=1e-12)
+    f = np.asarray(w)
+    assert embedding_std(f) == float(np.std(f))

@@ -223,7 +223,7 @@ class PromptTuning(_Adapter):
         P, C = int(num_virtual_tokens), model.config.hidden_size
         rng = np.random.default_rng(seed)
         if init == "random":
-            prompt = rng.normal(0.0, float(np.std(model.embed)), (P, C))
+            prompt = rng.normal(0.0, embedding_std(model.embed), (P, C))
         elif init == "vocab":
             prompt = model.embed[rng.integers(0, model.config.vocab_size, P)]
         elif init == "text":
@@ -477,6 +477,18 @@ def _text_ids(model, text, P):
         raise ValueError(f"init_text: {text!r} gives no tokens")
     reps = -(-P // len(ids))
     return np.array((ids * reps)[:P])
+
+
+def embedding_std(embed, rows=4096):
+    """The standard deviation of every value of an embedding table [V, C]. A table kept in its file's
+    format (models.quant.QuantizedWeight) is dequantized `rows` rows at a time, twice (mean, then
+    the squared deviations, in float64): the whole table as float32 would be 1 GB for a
+    128k-token vocabulary."""
+    if isinstance(embed, np.ndarray):
+        return float(np.std(embed))
+    chunks = lambda: (np.asarray(embed[r:r + rows], dtype=np.float64) for r in range(0, embed.shape[0], rows))  # noqa: E731
+    mean = sum(c.sum() for c in chunks()) / embed.size
+    return float(np.sqrt(sum(((c - mean) ** 2).sum() for c in chunks()) / embed.size))
 
 
 def text_key_values(model, ids):
