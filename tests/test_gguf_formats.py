@@ -37,9 +37,21 @@ def _unpermute(w, n_heads):
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Types softprompt does not keep quantized: loaded expanded to float32 by gguf's dequantizer.
+# Random blocks with the f16 super-block scale at this byte offset set to a sane value.
+EXPANDED = {Q.IQ4_XS: 0, Q.TQ2_0: 64, Q.IQ2_XXS: 0}
+
+
 def _encode(values, qtype, rng):
     """(raw bytes uint8 [rows, row bytes] in qtype, the float32 values gguf dequantizes them to)."""
-    if qtype in WRITABLE:
+    if qtype in EXPANDED:
+        per_block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, nb = values.shape[0], values.shape[1] // per_block
+        raw = rng.integers(0, 256, (rows, nb, size), dtype=np.uint8)
+        d = rng.uniform(0.001, 0.01, (rows, nb)).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+        raw[..., EXPANDED[qtype]:EXPANDED[qtype] + 2] = d
+        raw = raw.reshape(rows, nb * size)
+    elif qtype in WRITABLE:
         raw = gguf.quants.quantize(values, qtype)
         raw = raw.view(np.uint8).reshape(values.shape[0], -1)
     else:
@@ -133,6 +145,20 @@ def test_every_type_loads_kept_and_matches_transformers(qtype, tmp_path, rng):
         ref, nbytes = write_typed_gguf(tmp_path / "m.gguf", lambda name: qtype, rng)
     ours = _check(tmp_path / "m.gguf", ref, nbytes, rng, {qtype.name.lower()})
     assert isinstance(ours.layers[1]["down"], QuantizedWeight) and ours.layers[1]["down"].format == qtype.name.lower()
+
+
+@pytest.mark.parametrize("qtype", list(EXPANDED), ids=lambda q: q.name)
+def test_types_not_kept_load_expanded_with_ggufs_values(qtype, tmp_path, rng):
+    """IQ4_XS, TQ2_0, IQ2_XXS (not in ops.QUANT_FORMATS): the matrices load as float32, each value
+    what gguf dequantizes, and the logits match transformers holding those values."""
+    ref, _ = write_typed_gguf(tmp_path / "m.gguf", lambda name: qtype, rng)
+    ours = load_model(tmp_path / "m.gguf")
+    assert isinstance(ours.embed, np.ndarray) and ours.embed.dtype == np.float32
+    np.testing.assert_array_equal(ours.embed, ref.model.embed_tokens.weight.detach().numpy())
+    ids = rng.integers(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours.logits(ids), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
 
 def test_q4_k_m_mix_keeps_each_matrix_in_its_type(tmp_path, rng):

@@ -60,7 +60,8 @@ class Bert(Transformer):
         """tanh(dense(h[:, 0])) of the full sequence (with prompt tuning, row 0 is the first virtual
         token, as in PEFT).  -> pooled [B, C], cache."""
         if self.pooler is None:
-            raise ValueError("model: this BERT checkpoint has no pooler weights")
+            raise ValueError("model: this BERT checkpoint has no pooler weights (llama.cpp's GGUF converter drops "
+                             "them: train from the Hugging Face folder)")
         p = np.tanh(nn.linear(hidden_all[:, 0], self.pooler[0], self.pooler[1]))
         return p, (p, hidden_all.shape)
 
@@ -139,3 +140,41 @@ def bert_from_hf(cfg, w, tokenizer, source):
         w("embeddings.token_type_embeddings.weight"),
         (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias")), layers, pooler, mlm, tokenizer,
     )
+
+
+def bert_from_gguf(f):
+    """BERT from a GGUF written by llama.cpp's converter (models/loading.py's GGUFFile `f`): its
+    names (gguf's constants.py, MODEL_ARCH.BERT). That converter drops the pooler and the masked-LM
+    head (llama.cpp uses BERT for embeddings), so the model has neither: `pooled` (classification)
+    raises a ValueError saying so."""
+    C, H = int(f.field(".embedding_length")), int(f.field(".attention.head_count"))
+    config = ModelConfig(
+        arch="bert",
+        num_layers=int(f.field(".block_count")),
+        num_heads=H,
+        num_kv_heads=H,
+        head_dim=C // H,
+        hidden_size=C,
+        vocab_size=f.shape("token_embd.weight")[0],
+        intermediate_size=int(f.field(".feed_forward_length")),
+        norm_eps=float(f.field(".attention.layer_norm_epsilon", 1e-12)),
+        max_position_embeddings=f.shape("position_embd.weight")[0],
+        tie_word_embeddings=True,
+        attention_bias=True,
+        type_vocab_size=f.shape("token_types.weight")[0],
+        causal=False,
+        **f.config_fields(),
+    )
+    layers = []
+    for i in range(config.num_layers):
+        p = f"blk.{i}."
+        layer = {}
+        for ours, theirs in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
+                             ("up", "ffn_up"), ("down", "ffn_down")):
+            layer[ours], layer[ours + "_bias"] = f.get(p + theirs + ".weight", keep=True), f.get(p + theirs + ".bias")
+        for ours, theirs in (("ln_1", "attn_output_norm"), ("ln_2", "layer_output_norm")):
+            layer[ours], layer[ours + "_bias"] = f.get(p + theirs + ".weight"), f.get(p + theirs + ".bias")
+        layers.append(layer)
+    return Bert(config, f.get("token_embd.weight", keep=True), f.get("position_embd.weight"),
+                f.get("token_types.weight"), (f.get("token_embd_norm.weight"), f.get("token_embd_norm.bias")),
+                layers, tokenizer=f.tokenizer)

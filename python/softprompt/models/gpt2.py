@@ -100,3 +100,39 @@ def gpt2_from_hf(cfg, w, tokenizer, source):
     return GPT2(config, w.matrix("wte.weight"), w("wpe.weight"), layers, (w("ln_f.weight"), w("ln_f.bias")), tokenizer,
                 lm_head)
 
+
+
+def gpt2_from_gguf(f):
+    """GPT-2 from a GGUF written by llama.cpp's converter (models/loading.py's GGUFFile `f`): its
+    names (gguf's constants.py, MODEL_ARCH.GPT2), the Conv1D weights already transposed to
+    [out, in], the tied head written out as `output.weight`."""
+    C, H = int(f.field(".embedding_length")), int(f.field(".attention.head_count"))
+    config = ModelConfig(
+        arch="gpt2",
+        num_layers=int(f.field(".block_count")),
+        num_heads=H,
+        num_kv_heads=H,
+        head_dim=C // H,
+        hidden_size=C,
+        vocab_size=f.shape("token_embd.weight")[0],
+        intermediate_size=int(f.field(".feed_forward_length", 4 * C)),
+        norm_eps=float(f.field(".attention.layer_norm_epsilon", 1e-5)),
+        max_position_embeddings=f.shape("position_embd.weight")[0],
+        tie_word_embeddings=not f.has("output.weight"),
+        attention_bias=True,
+        **f.config_fields(),
+    )
+    layers = []
+    for i in range(config.num_layers):
+        p = f"blk.{i}."
+        layers.append({
+            "ln_1": f.get(p + "attn_norm.weight"), "ln_1_bias": f.get(p + "attn_norm.bias"),
+            "c_attn": f.get(p + "attn_qkv.weight", keep=True), "c_attn_bias": f.get(p + "attn_qkv.bias"),
+            "c_proj": f.get(p + "attn_output.weight", keep=True), "c_proj_bias": f.get(p + "attn_output.bias"),
+            "ln_2": f.get(p + "ffn_norm.weight"), "ln_2_bias": f.get(p + "ffn_norm.bias"),
+            "fc": f.get(p + "ffn_up.weight", keep=True), "fc_bias": f.get(p + "ffn_up.bias"),
+            "mlp_proj": f.get(p + "ffn_down.weight", keep=True), "mlp_proj_bias": f.get(p + "ffn_down.bias"),
+        })
+    return GPT2(config, f.get("token_embd.weight", keep=True), f.get("position_embd.weight"), layers,
+                (f.get("output_norm.weight"), f.get("output_norm.bias")), f.tokenizer,
+                f.get("output.weight", optional=True, keep=True))

@@ -480,42 +480,32 @@ def _unpermute(w, n_heads):
     return w.take_rows(order) if isinstance(w, QuantizedWeight) else w[order]
 
 
-def _gguf_tokenizer(reader):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-    merges = _gguf_field(reader, "tokenizer.ggml.merges")
-    if tokens is None or merges is None or _gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
-        return None
-    vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    types = _gguf_field(reader, "tokenizer.ggml.token_type")
-    if types is not None:  # control tokens (type 3) are never split: <|im_start|> etc.
-        from tokenizers import AddedToken
-
-        special = [tokens[i] for i, t in enumerate(types) if t == 3]
-        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    return tok
-
-
-# The `<arch>.*` keys the loader reads (or knows to change nothing: vocab_size is the embedding
-# table's rows, or checks and refuses when they change the math); any other key of the architecture
-# is refused, so a setting that changes the forward pass is never dropped unread.
-_GGUF_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
-              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
-              "rope.dimension_count", "vocab_size", "rope.scaling.type", "rope.scaling.factor",
-              "rope.scaling.original_context_length", "attention.key_length", "attention.value_length",
-              "expert_count", "expert_used_count"}
-# GGUF architectures the Llama code runs: Mistral files are written as "llama"; Qwen2 has q/k/v
-# biases and its converter leaves the Q/K rows as they are (NEOX-style RoPE: rotate-half already).
-_GGUF_ARCHS = ("llama", "qwen2")
+# The `<arch>.*` keys each loader reads (or knows to change nothing: vocab_size is the embedding
+# table's rows; context_length bounds positions), or checks and refuses when they change the math;
+# any other key of the architecture is refused, so a setting that changes the forward pass is never
+# dropped unread.
+_LLAMA_KEYS = {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+               "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
+               "rope.dimension_count", "vocab_size", "rope.scaling.type", "rope.scaling.factor",
+               "rope.scaling.original_context_length", "attention.key_length", "attention.value_length",
+               "expert_count", "expert_used_count"}
+_GGUF_KEYS = {
+    # Mistral files are written as "llama"; Qwen2 has q/k/v biases and its converter leaves the Q/K
+    # rows as they are (NEOX-style RoPE: rotate-half already).
+    "llama": _LLAMA_KEYS,
+    "qwen2": _LLAMA_KEYS,
+    "gpt2": {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.layer_norm_epsilon", "vocab_size"},
+    # pooling_type is how llama.cpp pools its embedding output: no effect on the hidden states.
+    "bert": {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.layer_norm_epsilon", "attention.causal", "pooling_type", "vocab_size"},
+}
+_GGUF_ARCHS = tuple(_GGUF_KEYS)
 
 
 def _check_gguf_keys(reader, path, arch):
-    unknown = sorted(k for k in reader.fields if k.startswith(arch + ".") and k[len(arch) + 1:] not in _GGUF_KEYS)
+    keys = _GGUF_KEYS[arch]
+    unknown = sorted(k for k in reader.fields if k.startswith(arch + ".") and k[len(arch) + 1:] not in keys)
     if unknown:
         raise ValueError(f"{path}: GGUF keys {unknown} are not supported by the {arch} loader")
     heads, hidden = _gguf_field(reader, f"{arch}.attention.head_count"), _gguf_field(reader, f"{arch}.embedding_length")
@@ -527,6 +517,8 @@ def _check_gguf_keys(reader, path, arch):
     for key in (f"{arch}.expert_count", f"{arch}.expert_used_count"):
         if _gguf_field(reader, key) not in (None, 0):
             raise ValueError(f"{path}: {key} {_gguf_field(reader, key)} is not supported (mixture of experts)")
+    if _gguf_field(reader, f"{arch}.attention.causal") not in (None, False):
+        raise ValueError(f"{path}: {arch}.attention.causal true is not supported (BERT as a bidirectional encoder)")
 
 
 def _gguf_rope_scaling(reader, freq_factors, head_dim, path, arch="llama"):
@@ -556,94 +548,143 @@ def _gguf_rope_scaling(reader, freq_factors, head_dim, path, arch="llama"):
     return RopeScaling(freq_factors=factors)
 
 
-def _load_gguf(path: Path, dtype, keep_quantized):
-    import gguf
+class GGUFFile:
+    """A GGUF's metadata and tensors for an architecture's loader: `field(key)`, `get(name)` (each
+    tensor read once, with plain file reads, so loading holds each weight once), and
+    `check_all_used()`, which refuses a tensor no loader read (a bias, an expert, ...: a weight the
+    forward would silently leave out)."""
 
-    from .llama import Llama
+    def __init__(self, path: Path, dtype, keep_quantized):
+        reader = GGUFHeader(path)  # the metadata, and where each tensor lies (gguf_header.py: why not GGUFReader)
+        self.path, self.dtype, self.keep_quantized = path, dtype, keep_quantized
+        self.arch = reader.fields.get("general.architecture")
+        if self.arch not in _GGUF_ARCHS:
+            raise ValueError(f"source: GGUF architecture {self.arch!r} is not supported ({', '.join(_GGUF_ARCHS)})")
+        _check_gguf_keys(reader, path, self.arch)
+        from .gguf_tokenizer import gguf_tokenizer
 
-    reader = GGUFHeader(path)  # the metadata, and where each tensor lies (gguf_header.py: why not GGUFReader)
-    arch = _gguf_field(reader, "general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ValueError(f"source: GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_ARCHS)})")
-    _check_gguf_keys(reader, path, arch)
-    # Each tensor is read once, below, with plain file reads, so loading holds each weight once.
-    tensors = {t.name: (FileTensor(path, np.uint8, (t.n_bytes,), t.offset, t.n_bytes), t.tensor_type, t.shape)
-               for t in reader.tensors}
-    used = set()
+        self.tokenizer, self.chat_template = gguf_tokenizer(reader.fields, path), _gguf_chat_template(reader)
+        # the vocabulary's lists are done with (tens of MB of Python strings for a large vocabulary)
+        self.fields = {k: v for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        self.token_ids = {k: reader.fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+        self.tensors = {t.name: (FileTensor(path, np.uint8, (t.n_bytes,), t.offset, t.n_bytes), t.tensor_type, t.shape)
+                        for t in reader.tensors}
+        self.used = set()
 
-    def get(name, optional=False, keep=False):
-        used.add(name)
-        if name not in tensors:
+    def field(self, key, default=None):
+        """The metadata value of `key`; "{arch}." in front of a key that starts with "." (".block_count")."""
+        return self.fields.get(self.arch + key if key.startswith(".") else key, default)
+
+    def has(self, name):
+        return name in self.tensors
+
+    def shape(self, name):
+        return self.tensors[name][2]
+
+    def get(self, name, optional=False, keep=False):
+        """Tensor `name`: a matrix (keep=True) stays in its file's format as a QuantizedWeight when the
+        load keeps quantized weights; anything else is dequantized (gguf's dequantizer) to dtype."""
+        import gguf
+
+        self.used.add(name)
+        if name not in self.tensors:
             if optional:
                 return None
-            raise KeyError(f"{path}: missing tensor {name!r}")
-        where, qtype, shape = tensors[name]
+            raise KeyError(f"{self.path}: missing tensor {name!r}")
+        where, qtype, shape = self.tensors[name]
         raw = where.read()
         fmt = qtype.name.lower()
-        if keep and keep_quantized and dtype == np.float32 and fmt in FORMATS and len(shape) == 2:
+        if keep and self.keep_quantized and self.dtype == np.float32 and fmt in FORMATS and len(shape) == 2:
             return QuantizedWeight(raw.reshape(shape[0], -1), fmt, shape[1])
-        a = gguf.quants.dequantize(raw.view(np.float32) if qtype == gguf.GGMLQuantizationType.F32 else raw, qtype)
-        return np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(shape))
+        try:
+            a = gguf.quants.dequantize(raw.view(np.float32) if qtype == gguf.GGMLQuantizationType.F32 else raw, qtype)
+        except NotImplementedError:
+            raise ValueError(f"{self.path}: tensor {name!r} has type {qtype.name}, which the gguf package cannot "
+                             "dequantize (not supported)") from None
+        return np.ascontiguousarray(np.asarray(a, dtype=self.dtype).reshape(shape))
 
-    if "token_embd.weight" not in tensors:
+    def check_all_used(self):
+        unused = sorted(set(self.tensors) - self.used)
+        if unused:
+            raise ValueError(f"{self.path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
+                             f"(a {self.arch} GGUF without them)")
+
+    def config_fields(self):
+        """The ModelConfig fields every architecture reads alike."""
+        return dict(
+            model_type=self.arch, name_or_path=str(self.path),
+            bos_token_id=_token_id(self.token_ids["bos"]), eos_token_id=_token_id(self.token_ids["eos"]),
+            pad_token_id=_token_id(self.token_ids["padding"]),
+        )
+
+
+def _load_gguf(path: Path, dtype, keep_quantized):
+    f = GGUFFile(path, dtype, keep_quantized)
+    if "token_embd.weight" not in f.tensors:
         raise KeyError(f"{path}: missing tensor 'token_embd.weight'")
-    heads = int(_gguf_field(reader, f"{arch}.attention.head_count"))
-    kv_heads = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", heads))
-    hidden = int(_gguf_field(reader, f"{arch}.embedding_length"))
-    has_output = "output.weight" in tensors
+    if f.arch == "gpt2":
+        from .gpt2 import gpt2_from_gguf
+
+        model = gpt2_from_gguf(f)
+    elif f.arch == "bert":
+        from .bert import bert_from_gguf
+
+        model = bert_from_gguf(f)
+    else:
+        model = _llama_from_gguf(f)
+    f.check_all_used()
+    model.chat_template = f.chat_template
+    return model
+
+
+def _llama_from_gguf(f: GGUFFile):
+    from .llama import Llama
+
+    arch, path = f.arch, f.path
+    heads = int(f.field(".attention.head_count"))
+    kv_heads = int(f.field(".attention.head_count_kv", heads))
+    hidden = int(f.field(".embedding_length"))
+    has_output = f.has("output.weight")
     config = ModelConfig(
         arch="llama",
-        num_layers=int(_gguf_field(reader, f"{arch}.block_count")),
+        num_layers=int(f.field(".block_count")),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=hidden // heads,
         hidden_size=hidden,
-        vocab_size=tensors["token_embd.weight"][2][0],
-        intermediate_size=int(_gguf_field(reader, f"{arch}.feed_forward_length")),
-        norm_eps=float(_gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=_gguf_rope_scaling(reader, get("rope_freqs.weight", optional=True), hidden // heads, path, arch),
-        max_position_embeddings=int(_gguf_field(reader, f"{arch}.context_length", 2048)),
+        vocab_size=f.shape("token_embd.weight")[0],
+        intermediate_size=int(f.field(".feed_forward_length")),
+        norm_eps=float(f.field(".attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.field(".rope.freq_base", 10000.0)),
+        rope_scaling=_gguf_rope_scaling(f, f.get("rope_freqs.weight", optional=True), hidden // heads, path, arch),
+        max_position_embeddings=int(f.field(".context_length", 2048)),
         tie_word_embeddings=not has_output,
-        model_type=arch,
         attention_bias=arch == "qwen2",
-        name_or_path=str(path),
-        bos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),
-        eos_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.eos_token_id")),
-        pad_token_id=_token_id(_gguf_field(reader, "tokenizer.ggml.padding_token_id")),
+        **f.config_fields(),
     )
-    tokenizer, chat_template = _gguf_tokenizer(reader), _gguf_chat_template(reader)
-    del reader
-    embed = get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
-    output = get("output.weight", optional=True, keep=True)
+    embed = f.get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
+    output = f.get("output.weight", optional=True, keep=True)
     # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2 one does not.
     unpermute = _unpermute if arch == "llama" else (lambda w, n: w)
     layers = []
     for i in range(config.num_layers):
         p = f"blk.{i}."
         layers.append({
-            "attn_norm": get(p + "attn_norm.weight"),
-            "q": unpermute(get(p + "attn_q.weight", keep=True), heads),
-            "k": unpermute(get(p + "attn_k.weight", keep=True), kv_heads),
-            "v": get(p + "attn_v.weight", keep=True),
-            "o": get(p + "attn_output.weight", keep=True),
-            "mlp_norm": get(p + "ffn_norm.weight"),
-            "gate": get(p + "ffn_gate.weight", keep=True),
-            "up": get(p + "ffn_up.weight", keep=True),
-            "down": get(p + "ffn_down.weight", keep=True),
+            "attn_norm": f.get(p + "attn_norm.weight"),
+            "q": unpermute(f.get(p + "attn_q.weight", keep=True), heads),
+            "k": unpermute(f.get(p + "attn_k.weight", keep=True), kv_heads),
+            "v": f.get(p + "attn_v.weight", keep=True),
+            "o": f.get(p + "attn_output.weight", keep=True),
+            "mlp_norm": f.get(p + "ffn_norm.weight"),
+            "gate": f.get(p + "ffn_gate.weight", keep=True),
+            "up": f.get(p + "ffn_up.weight", keep=True),
+            "down": f.get(p + "ffn_down.weight", keep=True),
         })
-        for name in ("q", "k", "v") if arch == "qwen2" else ():  # Qwen2's q/k/v biases (a llama file's: refused below)
-            bias = get(p + f"attn_{name}.bias", optional=True)
+        for name in ("q", "k", "v") if arch == "qwen2" else ():  # Qwen2's q/k/v biases (a llama file's: refused)
+            bias = f.get(p + f"attn_{name}.bias", optional=True)
             if bias is not None:
                 layers[-1][name + "_bias"] = bias
-    final_norm = get("output_norm.weight")
-    unused = sorted(set(tensors) - used)
-    if unused:  # a bias, an expert, ...: a weight the llama forward would silently leave out
-        raise ValueError(f"{path}: tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not supported "
-                         f"(a {arch} GGUF without them)")
-    model = Llama(config, embed, layers, final_norm, output, tokenizer)
-    model.chat_template = chat_template
-    return model
+    return Llama(config, embed, layers, f.get("output_norm.weight"), output, f.tokenizer)
 
 
 def _gguf_chat_template(reader):
