@@ -106,9 +106,10 @@ def _example(rng):
     return data_mod.Example(text=" ".join(words), label="positive" if k else "negative")
 
 
-def make_tiny_task(folder, hidden_size=64, intermediate_size=128):
-    """(model folder, model, dataset, data file): a random Llama (weights N(0, 0.2^2), so a prompt
-    can steer it) with a word-level tokenizer, and the good/bad task, written to folder."""
+def make_tiny_task(folder, hidden_size=64, intermediate_size=128, arch="llama"):
+    """(model folder, model, dataset, data file): a random Llama (or another causal architecture of
+    transformers: arch "qwen3", ...; weights N(0, 0.2^2), so a prompt can steer it) with a
+    word-level tokenizer, and the good/bad task, written to folder."""
     torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")
     transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install '.[test]'")
     import softprompt
@@ -119,12 +120,16 @@ def make_tiny_task(folder, hidden_size=64, intermediate_size=128):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   initializer_range=0.2, tie_word_embeddings=True)
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+             "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+             "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[arch]
+    config_cls, model_cls = (getattr(transformers, n) for n in names)
+    cfg = config_cls(vocab_size=len(VOCAB), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+                     initializer_range=0.2, tie_word_embeddings=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+        model_cls(cfg).save_pretrained(folder)
     tok.save(str(folder / "tokenizer.json"))
     rng = np.random.default_rng(0)
     examples = [_example(rng) for _ in range(600)]

@@ -44,6 +44,9 @@ TRIES = {  # field -> values to try (each alone, on top of the tiny base config)
                 "sliding_window": [3, None], "tie_word_embeddings": [True, False]},
     "qwen2": {"num_key_value_heads": [1], "hidden_act": ["silu", "gelu"], "rms_norm_eps": [1e-2],
               "use_sliding_window": [True], "sliding_window": [3], "tie_word_embeddings": [True, False]},
+    "qwen3": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True], "hidden_act": ["silu", "gelu"],
+              "rms_norm_eps": [1e-2], "use_sliding_window": [True], "sliding_window": [3],
+              "tie_word_embeddings": [True, False]},
     "gpt2": {"activation_function": ["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "tanh"],
              "scale_attn_weights": [False], "scale_attn_by_inverse_layer_idx": [True],
              "reorder_and_upcast_attn": [True], "layer_norm_epsilon": [1e-2], "n_inner": [40],
@@ -59,13 +62,13 @@ BASE = {
                  max_position_embeddings=32),
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
            "bert": ("BertConfig", "BertModel")}
 
 
 def _base(arch):
-    base = dict(BASE["llama" if arch in ("mistral", "qwen2") else arch], initializer_range=0.2)
-    if arch != "qwen2":
+    base = dict(BASE["llama" if arch in ("mistral", "qwen2", "qwen3") else arch], initializer_range=0.2)
+    if arch not in ("qwen2", "qwen3"):
         base.pop("max_window_layers", None)
     if arch == "llama":
         base.pop("sliding_window")
@@ -148,7 +151,7 @@ def test_gguf_keys_are_read_or_refused(tmp_path):
     U32 = gguf.GGUFValueType.UINT32
     for extra, message in [
         ([("llama.attention.sliding_window", (4, U32))], r"GGUF keys \['llama.attention.sliding_window'\]"),
-        ([("llama.attention.key_length", (7, U32))], "llama.attention.key_length 7 is not supported"),
+        ([("llama.attention.key_length", (7, U32))], r"blk.0.attn_q.weight has 48 rows, but llama.attention.key_length \(the head size\) 7"),
         ([("llama.expert_count", (4, U32))], "llama.expert_count 4 is not supported"),
         ([("llama.rope.dimension_count", (6, U32))], "llama.rope.dimension_count 6 is not supported"),
     ]:

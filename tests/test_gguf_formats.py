@@ -197,22 +197,29 @@ def test_tied_embedding_table_is_gathered_and_used_as_the_head(tmp_path, rng):
     np.testing.assert_array_equal(ours.embed_tokens(ids)[0], np.asarray(ours.embed)[[3, 5, 63]])
 
 
-def test_qwen2_gguf_matches_its_folder(tmp_path, rng):
-    """A Qwen2 GGUF as llama.cpp's converter writes it (arch "qwen2", q/k/v biases, Q/K rows not
-    permuted): the logits of the folder it came from, run by transformers; an unknown qwen2 key is
-    refused naming it."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_matches_its_folder(arch, tmp_path, rng):
+    """A Qwen2 / Qwen3 GGUF as llama.cpp's converter writes it (q/k/v biases for Qwen2, per-head q/k
+    norms and an explicit head size for Qwen3; Q/K rows not permuted): the logits of the folder it
+    came from, run by transformers; an unknown key is refused naming it."""
     torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(**kw)
+        ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    else:
+        cfg = transformers.Qwen3Config(head_dim=24, **kw)
+        ref = transformers.Qwen3ForCausalLM(cfg).eval()
+    head_dim = cfg.head_dim if arch == "qwen3" else 16
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in ref.state_dict().items()}
 
     def write(path, extra=()):
-        w = gguf.GGUFWriter(str(path), "qwen2")
+        w = gguf.GGUFWriter(str(path), arch)
         w.add_block_count(2)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(64)
@@ -221,6 +228,8 @@ def test_qwen2_gguf_matches_its_folder(tmp_path, rng):
         w.add_head_count_kv(2)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
         for key, value in extra:
             w.add_key_value(key, *value)
         w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -229,8 +238,10 @@ def test_qwen2_gguf_matches_its_folder(tmp_path, rng):
         for i in range(2):
             for ours, theirs in NAMES.items():
                 w.add_tensor(f"blk.{i}.{ours}.weight", sd[f"model.layers.{i}.{theirs}.weight"])
-            for x in "qkv":
+            for x in "qkv" if arch == "qwen2" else ():
                 w.add_tensor(f"blk.{i}.attn_{x}.bias", sd[f"model.layers.{i}.self_attn.{x}_proj.bias"])
+            for x in "qk" if arch == "qwen3" else ():
+                w.add_tensor(f"blk.{i}.attn_{x}_norm.weight", sd[f"model.layers.{i}.self_attn.{x}_norm.weight"])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -238,13 +249,14 @@ def test_qwen2_gguf_matches_its_folder(tmp_path, rng):
 
     write(tmp_path / "q.gguf")
     ours = load_model(tmp_path / "q.gguf")
-    assert ours.config.model_type == "qwen2" and "qkv_bias" in ours.layers[0]
+    assert ours.config.model_type == arch and ("qkv_bias" in ours.layers[0]) == (arch == "qwen2")
+    assert ours.config.head_dim == head_dim
     ids = rng.integers(0, VOCAB, (2, 9))
     with torch.no_grad():
         want = ref(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours.logits(ids), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    write(tmp_path / "bad.gguf", [("qwen2.attention.sliding_window", (64, gguf.GGUFValueType.UINT32))])
-    with pytest.raises(ValueError, match=r"GGUF keys \['qwen2.attention.sliding_window'\] are not supported"):
+    write(tmp_path / "bad.gguf", [(f"{arch}.attention.sliding_window", (64, gguf.GGUFValueType.UINT32))])
+    with pytest.raises(ValueError, match=rf"GGUF keys \['{arch}.attention.sliding_window'\] are not supported"):
         load_model(tmp_path / "bad.gguf")
 
 

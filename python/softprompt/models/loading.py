@@ -299,7 +299,7 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
-    if model_type in ("llama", "qwen2", "mistral"):
+    if model_type in ("llama", "qwen2", "mistral", "qwen3"):
         return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder), keep_16bit)
     if model_type == "gpt2":
         from .gpt2 import gpt2_from_hf
@@ -310,11 +310,12 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
         from .bert import bert_from_hf
 
         return bert_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("bert.",)), dtype, str(folder)), tokenizer, str(folder))
-    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, mistral, gpt2, bert)")
+    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, qwen3, mistral, gpt2, bert)")
 
 
 def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
     from .llama import Llama
+    from .qwen3 import Qwen3
 
     w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source, keep_16bit)
     heads = cfg["num_attention_heads"]
@@ -362,13 +363,16 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
             bias = w(p + key + ".bias", optional=True)
             if bias is not None:
                 layer[name + "_bias"] = bias
+        if cfg["model_type"] == "qwen3":  # per-head RMSNorm of q and k before RoPE
+            layer["q_norm"], layer["k_norm"] = w(p + "self_attn.q_norm.weight"), w(p + "self_attn.k_norm.weight")
         layers.append(layer)
     embed, lm_head = w.matrix("embed_tokens.weight"), None
     if not config.tie_word_embeddings:
         lm_head = w.matrix("lm_head.weight", optional=True)
         if lm_head is None:  # some checkpoints tie without saying so: the same array, read once
             lm_head = embed
-    return Llama(config, embed, layers, w("norm.weight"), lm_head, tokenizer)
+    cls = Qwen3 if cfg["model_type"] == "qwen3" else Llama
+    return cls(config, embed, layers, w("norm.weight"), lm_head, tokenizer)
 
 
 def _sliding_window_from_hf(cfg):
@@ -379,7 +383,7 @@ def _sliding_window_from_hf(cfg):
     window, types = None, cfg.get("layer_types")
     if kind == "mistral":
         window = cfg.get("sliding_window")
-    elif kind == "qwen2":
+    elif kind in ("qwen2", "qwen3"):
         window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
         if types is None:
             first = cfg.get("max_window_layers", 28)
@@ -494,6 +498,7 @@ _GGUF_KEYS = {
     # rows as they are (NEOX-style RoPE: rotate-half already).
     "llama": _LLAMA_KEYS,
     "qwen2": _LLAMA_KEYS,
+    "qwen3": _LLAMA_KEYS,  # and per-head q/k norms (attn_q_norm, attn_k_norm)
     "gpt2": {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
              "attention.layer_norm_epsilon", "vocab_size"},
     # pooling_type is how llama.cpp pools its embedding output: no effect on the hidden states.
@@ -509,11 +514,11 @@ def _check_gguf_keys(reader, path, arch):
     if unknown:
         raise ValueError(f"{path}: GGUF keys {unknown} are not supported by the {arch} loader")
     heads, hidden = _gguf_field(reader, f"{arch}.attention.head_count"), _gguf_field(reader, f"{arch}.embedding_length")
-    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
-        value = _gguf_field(reader, key)
-        if value is not None and heads and int(value) != int(hidden) // int(heads):
-            raise ValueError(f"{path}: {key} {value} is not supported (only embedding_length / head_count = "
-                             f"{int(hidden) // int(heads)})")
+    key_length = _gguf_field(reader, f"{arch}.attention.key_length")  # the head size (default hidden / heads)
+    value_length = _gguf_field(reader, f"{arch}.attention.value_length")
+    if value_length is not None and heads and int(value_length) != int(key_length or int(hidden) // int(heads)):
+        raise ValueError(f"{path}: {arch}.attention.value_length {value_length} is not supported (only the key "
+                         f"length, {key_length or int(hidden) // int(heads)})")
     for key in (f"{arch}.expert_count", f"{arch}.expert_used_count"):
         if _gguf_field(reader, key) not in (None, 0):
             raise ValueError(f"{path}: {key} {_gguf_field(reader, key)} is not supported (mixture of experts)")
@@ -644,27 +649,33 @@ def _llama_from_gguf(f: GGUFFile):
     heads = int(f.field(".attention.head_count"))
     kv_heads = int(f.field(".attention.head_count_kv", heads))
     hidden = int(f.field(".embedding_length"))
+    head_dim = int(f.field(".attention.key_length", hidden // heads))
+    for name, n in (("attn_q", heads), ("attn_k", kv_heads)):
+        rows = f.shape(f"blk.0.{name}.weight")[0] if f.has(f"blk.0.{name}.weight") else n * head_dim
+        if rows != n * head_dim:
+            raise ValueError(f"{path}: blk.0.{name}.weight has {rows} rows, but {arch}.attention.key_length (the head "
+                             f"size) {head_dim} x {n} heads = {n * head_dim}")
     has_output = f.has("output.weight")
     config = ModelConfig(
         arch="llama",
         num_layers=int(f.field(".block_count")),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=f.shape("token_embd.weight")[0],
         intermediate_size=int(f.field(".feed_forward_length")),
         norm_eps=float(f.field(".attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(f.field(".rope.freq_base", 10000.0)),
-        rope_scaling=_gguf_rope_scaling(f, f.get("rope_freqs.weight", optional=True), hidden // heads, path, arch),
+        rope_scaling=_gguf_rope_scaling(f, f.get("rope_freqs.weight", optional=True), head_dim, path, arch),
         max_position_embeddings=int(f.field(".context_length", 2048)),
         tie_word_embeddings=not has_output,
-        attention_bias=arch == "qwen2",
+        attention_bias=arch != "llama" and f.has("blk.0.attn_q.bias"),
         **f.config_fields(),
     )
     embed = f.get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
     output = f.get("output.weight", optional=True, keep=True)
-    # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2 one does not.
+    # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2/qwen3 ones do not.
     unpermute = _unpermute if arch == "llama" else (lambda w, n: w)
     layers = []
     for i in range(config.num_layers):
@@ -680,11 +691,16 @@ def _llama_from_gguf(f: GGUFFile):
             "up": f.get(p + "ffn_up.weight", keep=True),
             "down": f.get(p + "ffn_down.weight", keep=True),
         })
-        for name in ("q", "k", "v") if arch == "qwen2" else ():  # Qwen2's q/k/v biases (a llama file's: refused)
+        for name in ("q", "k", "v") if arch != "llama" else ():  # Qwen's q/k/v biases (a llama file's: refused)
             bias = f.get(p + f"attn_{name}.bias", optional=True)
             if bias is not None:
                 layers[-1][name + "_bias"] = bias
-    return Llama(config, embed, layers, f.get("output_norm.weight"), output, f.tokenizer)
+        if arch == "qwen3":
+            layers[-1]["q_norm"], layers[-1]["k_norm"] = f.get(p + "attn_q_norm.weight"), f.get(p + "attn_k_norm.weight")
+    from .qwen3 import Qwen3
+
+    cls = Qwen3 if arch == "qwen3" else Llama
+    return cls(config, embed, layers, f.get("output_norm.weight"), output, f.tokenizer)
 
 
 def _gguf_chat_template(reader):
