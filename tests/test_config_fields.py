@@ -47,6 +47,9 @@ TRIES = {  # field -> values to try (each alone, on top of the tiny base config)
     "qwen3": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True], "hidden_act": ["silu", "gelu"],
               "rms_norm_eps": [1e-2], "use_sliding_window": [True], "sliding_window": [3],
               "tie_word_embeddings": [True, False]},
+    "gemma": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True],
+              "hidden_act": ["gelu_pytorch_tanh", "gelu", "silu"], "rms_norm_eps": [1e-2],
+              "use_bidirectional_attention": [True], "tie_word_embeddings": [True, False]},
     "gpt2": {"activation_function": ["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "tanh"],
              "scale_attn_weights": [False], "scale_attn_by_inverse_layer_idx": [True],
              "reorder_and_upcast_attn": [True], "layer_norm_epsilon": [1e-2], "n_inner": [40],
@@ -62,12 +65,13 @@ BASE = {
                  max_position_embeddings=32),
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+           "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
            "bert": ("BertConfig", "BertModel")}
 
 
 def _base(arch):
-    base = dict(BASE["llama" if arch in ("mistral", "qwen2", "qwen3") else arch], initializer_range=0.2)
+    base = dict(BASE["llama" if arch in ("mistral", "qwen2", "qwen3", "gemma") else arch], initializer_range=0.2)
     if arch not in ("qwen2", "qwen3"):
         base.pop("max_window_layers", None)
     if arch == "llama":

@@ -35,6 +35,9 @@ def _tiny_config(arch):
     if arch == "qwen3":  # q/k norms, head_dim apart from hidden / heads, untied
         return t.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False)
+    if arch == "gemma":  # (1 + w) norms, scaled embeddings, GeGLU, head_dim apart from hidden / heads, tied
+        return t.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=12)
     if arch == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     if arch == "bert":
@@ -49,7 +52,8 @@ def hf_models(tmp_path_factory):
     torch.manual_seed(0)
     out = {}
     classes = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-               "qwen3": transformers.Qwen3ForCausalLM, "gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForMaskedLM}
+               "qwen3": transformers.Qwen3ForCausalLM,
+               "gemma": transformers.GemmaForCausalLM, "gpt2": transformers.GPT2LMHeadModel, "bert": transformers.BertForMaskedLM}
     for arch, cls in classes.items():
         model = cls(_tiny_config(arch)).eval()
         with torch.no_grad():  # non-trivial biases and norms, so that wrong wiring shows
@@ -72,11 +76,11 @@ def _right_padded(rng, lengths, T):
     return ids, mask
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gpt2", "bert"])
 def test_logits_match_transformers(hf_models, arch, rng):
     folder, ref = hf_models[arch]
     ours = load_model(folder)
-    assert ours.config.arch == ("llama" if arch in ("qwen2", "qwen3") else arch)
+    assert ours.config.arch == ("llama" if arch in ("qwen2", "qwen3", "gemma") else arch)
     ids, mask = _right_padded(rng, [9, 6, 3], 9)
     got = ours.logits(ids, mask)
     with torch.no_grad():
@@ -90,7 +94,7 @@ def test_logits_match_transformers(hf_models, arch, rng):
     np.testing.assert_allclose(full, want_full, atol=1e-4 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gpt2"])
 def test_left_padded_logits_match_transformers(hf_models, arch, rng):
     """Left padding, transformers given the real tokens' positions (cumsum(mask) - 1)."""
     folder, ref = hf_models[arch]
@@ -110,7 +114,7 @@ def _adapter(kind, model, P=4, seed=3):
     return PrefixTuning.for_model(model, P, init="random", seed=seed, std=0.7)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2", "bert"])
 @pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
 def test_padding_invariance(hf_models, arch, kind, rng):
     ours = load_model(hf_models[arch][0])
@@ -131,7 +135,8 @@ def test_padding_invariance(hf_models, arch, kind, rng):
 
 def _peft_model(folder, arch, adapter_dir):
     cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
-           "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[arch]
+           "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "gemma": transformers.GemmaForCausalLM}[arch]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = cls.from_pretrained(folder).eval()
@@ -140,7 +145,7 @@ def _peft_model(folder, arch, adapter_dir):
     return pm
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3", "gemma"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_adapter_matches_peft_logits_and_gradients(hf_models, arch, kind, rng, tmp_path):
     folder = hf_models[arch][0]
@@ -220,7 +225,7 @@ def test_peft_written_adapters_load_here(hf_models, rng, tmp_path):
 
 
 # --------------------------------------------------------------------------- finite differences
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2", "bert"])
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
     model = load_model(hf_models[arch][0]).astype(np.float64)
@@ -240,7 +245,7 @@ def test_backward_matches_finite_differences(hf_models, arch, kind, rng):
     idx, numeric = numeric_sample(loss, x, rng=rng)
     np.testing.assert_allclose(grads[kind].reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-7)
     # and the input embeddings
-    emb = model.embed[ids]
+    emb = model.embed_tokens(ids)  # what the ids give (Gemma: scaled)
 
     def loss_emb():
         return float(np.sum(w * model.forward(None, mask, adapter=adapter_64, inputs_embeds=emb)))
@@ -313,7 +318,7 @@ def test_text_initialized_prefix_reproduces_the_text(hf_models, rng):
 
 
 # --------------------------------------------------------------------------- generation
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2"])
 @pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
 def test_kv_cache_generation_equals_recomputation(hf_models, arch, kind, rng):
     model = load_model(hf_models[arch][0])
@@ -330,7 +335,7 @@ def test_kv_cache_generation_equals_recomputation(hf_models, arch, kind, rng):
     assert sampled == again
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2"])
 def test_greedy_generation_matches_transformers(hf_models, arch, rng):
     folder, ref = hf_models[arch]
     model = load_model(folder)
@@ -359,7 +364,7 @@ def test_sharded_checkpoint_loads(hf_models, tmp_path, rng):
     np.testing.assert_array_equal(load_model(tmp_path).logits(ids), load_model(hf_models["llama"][0]).logits(ids))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gpt2"])
 @pytest.mark.parametrize("kind", [None, "prompt", "prefix"])
 def test_continuation_rows_see_what_the_whole_sequence_sees(hf_models, arch, kind, rng):
     """forward(..., continuations=): each continuation row's hidden states equal those of its

@@ -223,18 +223,19 @@ class PromptTuning(_Adapter):
         P, C = int(num_virtual_tokens), model.config.hidden_size
         rng = np.random.default_rng(seed)
         if init == "random":
-            prompt = rng.normal(0.0, embedding_std(model.embed), (P, C))
-        elif init == "vocab":
-            prompt = model.embed[rng.integers(0, model.config.vocab_size, P)]
+            # the spread of what the model's lookup gives (Gemma scales its table by sqrt(hidden))
+            prompt = rng.normal(0.0, embedding_std(model.embed) * float(getattr(model, "embed_scale", 1.0)), (P, C))
+        elif init == "vocab":  # rows as the model's lookup gives them, as PEFT takes them
+            prompt = model.embed_tokens(rng.integers(0, model.config.vocab_size, P))
         elif init == "text":
-            prompt = model.embed[_text_ids(model, init_text, P)]
+            prompt = model.embed_tokens(_text_ids(model, init_text, P))
         elif init == "labels":
             if not label_ids:
                 raise ValueError("label_ids: required for init='labels'")
             ids = list(label_ids)[:P]
             common = min(5000, model.config.vocab_size)
             ids += list(rng.integers(0, common, P - len(ids)))
-            prompt = model.embed[np.array(ids)]
+            prompt = model.embed_tokens(np.array(ids))
         else:
             raise ValueError(f"init: expected 'random', 'vocab', 'text' or 'labels', got {init!r}")
         adapter = cls(prompt)

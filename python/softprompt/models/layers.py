@@ -113,6 +113,21 @@ def gelu_erf_backward(dy, cache):
     return dy * (cdf + x * pdf)
 
 
+def geglu(gate_up):
+    """Gemma's GeGLU: gelu_tanh(gate) * up.  gate_up [N, 2F] = [gate | up] -> [N, F]."""
+    F = gate_up.shape[-1] // 2
+    g, _ = gelu_tanh(gate_up[..., :F])
+    return g * gate_up[..., F:]
+
+
+def geglu_backward(da, gate_up):
+    """da [N, F], gate_up [N, 2F] -> d gate_up [N, 2F]."""
+    F = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :F], gate_up[..., F:]
+    g, cache = gelu_tanh(gate)
+    return np.concatenate([gelu_tanh_backward(da * up, cache), da * g], axis=-1)
+
+
 swiglu = ops.swiglu_forward  # gate_up [N, 2F] = [gate | up] -> silu(gate) * up [N, F]
 swiglu_backward = ops.swiglu_backward  # da [N, F], gate_up -> d gate_up [N, 2F]
 

@@ -23,6 +23,10 @@ class Llama(Transformer):
     then replaces three (or two) in the forward, and in the backward one GEMM with the summed
     inner dimension replaces three products and two additions."""
 
+    # The MLP's gated activation: SwiGLU, silu(gate) * up (C++); Gemma's GeGLU overrides it.
+    activation = staticmethod(nn.swiglu)  # gate_up [N, 2F] -> [N, F]
+    activation_backward = staticmethod(nn.swiglu_backward)  # da [N, F], gate_up -> d gate_up [N, 2F]
+
     def __init__(self, config: ModelConfig, embed, layers, final_norm, lm_head=None, tokenizer=None):
         self.config, self.embed, self.final_norm = config, embed, final_norm
         self.layers = [_fuse(w) for w in layers]
@@ -66,7 +70,7 @@ class Llama(Transformer):
         h_mid += h
         x2, rstd2 = nn.rmsnorm(h_mid, w["mlp_norm"], c.norm_eps)
         gate_up = nn.linear(x2, w["gate_up"], w.get("gate_up_bias"))  # [N, 2F]
-        out = nn.linear(nn.swiglu(gate_up), w["down"], w.get("down_bias"))
+        out = nn.linear(self.activation(gate_up), w["down"], w.get("down_bias"))
         out += h_mid
         # The cache holds what the backward reads and nothing it can rebuild cheaply: the normed
         # inputs x, x2 and the SwiGLU output are not kept.
@@ -80,7 +84,7 @@ class Llama(Transformer):
         cos, sin = ctx.rope.cos, ctx.rope.sin
         dh = dh.reshape(B * L, C)
         # MLP (residual: dh flows through unchanged and gets the branch's gradient added)
-        dgate_up = nn.swiglu_backward(nn.linear_backward(dh, w["down"]), gate_up)
+        dgate_up = self.activation_backward(nn.linear_backward(dh, w["down"]), gate_up)
         dh_mid = nn.rmsnorm_backward(nn.linear_backward(dgate_up, w["gate_up"]), h_mid, rstd2, w["mlp_norm"],
                                      residual=dh)
         # attention

@@ -299,7 +299,7 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
-    if model_type in ("llama", "qwen2", "mistral", "qwen3"):
+    if model_type in ("llama", "qwen2", "mistral", "qwen3", "gemma"):
         return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder), keep_16bit)
     if model_type == "gpt2":
         from .gpt2 import gpt2_from_hf
@@ -310,17 +310,24 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
         from .bert import bert_from_hf
 
         return bert_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("bert.",)), dtype, str(folder)), tokenizer, str(folder))
-    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, qwen3, mistral, gpt2, bert)")
+    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, qwen3, mistral, gemma, gpt2, bert)")
 
 
 def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
+    from .gemma import Gemma
     from .llama import Llama
     from .qwen3 import Qwen3
 
     w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source, keep_16bit)
     heads = cfg["num_attention_heads"]
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
+    gemma = cfg["model_type"] == "gemma"
+    act = cfg.get("hidden_act", "gelu_pytorch_tanh" if gemma else "silu")
+    if gemma:  # GemmaConfig reads "gelu" as the tanh approximation (its official files say "gelu")
+        if act not in ("gelu_pytorch_tanh", "gelu", "gelu_new"):
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported for gemma (gelu_pytorch_tanh: GeGLU)")
+        if cfg.get("use_bidirectional_attention"):
+            raise ValueError("config.json: use_bidirectional_attention true is not supported (Gemma as a causal LM)")
+    elif act not in ("silu", "swish"):
         raise ValueError(f"config.json: hidden_act {act!r} is not supported for {cfg['model_type']} (silu: SwiGLU)")
     config = ModelConfig(
         arch="llama",
@@ -336,7 +343,7 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
         rope_scaling=_rope_scaling_from_hf(cfg),
         **_sliding_window_from_hf(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
         attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
         model_type=cfg["model_type"],
         name_or_path=cfg.get("_name_or_path") or source,
@@ -371,8 +378,18 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
         lm_head = w.matrix("lm_head.weight", optional=True)
         if lm_head is None:  # some checkpoints tie without saying so: the same array, read once
             lm_head = embed
-    cls = Qwen3 if cfg["model_type"] == "qwen3" else Llama
-    return cls(config, embed, layers, w("norm.weight"), lm_head, tokenizer)
+    final_norm = w("norm.weight")
+    if gemma:  # Gemma's RMSNorm scales by (1 + w): stored as such, in float32 as transformers computes it
+        final_norm = _one_plus(final_norm)
+        for layer in layers:
+            for name in ("attn_norm", "mlp_norm"):
+                layer[name] = _one_plus(layer[name])
+    cls = {"qwen3": Qwen3, "gemma": Gemma}.get(cfg["model_type"], Llama)
+    return cls(config, embed, layers, final_norm, lm_head, tokenizer)
+
+
+def _one_plus(w):
+    return (1.0 + w.astype(np.float32)).astype(w.dtype)
 
 
 def _sliding_window_from_hf(cfg):

@@ -60,7 +60,7 @@ class Qwen3(Llama):
         h_mid += h
         x2, rstd2 = nn.rmsnorm(h_mid, w["mlp_norm"], c.norm_eps)
         gate_up = nn.linear(x2, w["gate_up"], w.get("gate_up_bias"))  # [N, 2F]
-        out = nn.linear(nn.swiglu(gate_up), w["down"], w.get("down_bias"))
+        out = nn.linear(self.activation(gate_up), w["down"], w.get("down_bias"))
         out += h_mid
         return out.reshape(B, L, C), (h, rstd1, qkv, norms, q, k, v, att, lse, h_mid, rstd2, gate_up)
 
@@ -71,7 +71,7 @@ class Qwen3(Llama):
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ctx.rope.cos, ctx.rope.sin
         dh = dh.reshape(B * L, C)
-        dgate_up = nn.swiglu_backward(nn.linear_backward(dh, w["down"]), gate_up)
+        dgate_up = self.activation_backward(nn.linear_backward(dh, w["down"]), gate_up)
         dh_mid = nn.rmsnorm_backward(nn.linear_backward(dgate_up, w["gate_up"]), h_mid, rstd2, w["mlp_norm"],
                                      residual=dh)
         datt = nn.linear_backward(dh_mid, w["o"]).reshape(B, L, H, D)
