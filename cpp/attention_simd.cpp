@@ -210,6 +210,13 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     for (int64_t r = 0; r < rows; ++r) vl[r] = visible_lanes(s, hd, c, r, i0);
     // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock]
     simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qt, kBlock, sc, kBlock, false);
+    if (s.softcap) {  // scores = c tanh(scores / c), in place
+      const T c = T(s.softcap), inv = T(1 / s.softcap);
+      for (int64_t r = 0; r < rows; ++r)
+        if (!vl[r].none())
+          for (int v = 0; v < nv; ++v)
+            simd::store(sc + r * kBlock + v * L, c * simd::tanh<T>(inv * simd::load(sc + r * kBlock + v * L)));
+    }
     // Online softmax, lane-wise: the chunk's max, the rescale factor, then p = exp(score - max).
     Vec<T> mx[NVmax], msafe[NVmax], alpha[NVmax], sum[NVmax];
     for (int v = 0; v < nv; ++v) mx[v] = m[v], sum[v] = Vec<T>{};
@@ -281,7 +288,8 @@ struct BackwardScratch {
 // transposed. delta_row: rowsum(dout * out) of the block's queries. Accumulates into w.dk, w.dv,
 // rows [prefix (P) | input (S)] x Dp.
 //   p = exp(scores - lse);  dv += p^T do;  dp = do v^T;  ds = p * (dp - delta);
-//   dq = scale * ds k;  dk += ds^T (scale q)
+//   (soft-capping: scores = c tanh(s / c), and ds *= 1 - tanh^2);  dq = scale * ds k;
+//   dk += ds^T (scale q)
 template <typename T>
 void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<T>& hd,
                     const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
@@ -314,9 +322,15 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
         T *pr = p + r * kBlock + v * L, *dr = ds + r * kBlock + v * L;
         Vec<T> pvec{}, dsvec{};
         if (!vl.none()) {
-          pvec = simd::exp<T>(simd::load(pr) - simd::load(w.lse.data() + v * L));
+          Vec<T> score = simd::load(pr), th{};
+          if (s.softcap) {
+            th = simd::tanh<T>(T(1 / s.softcap) * score);
+            score = T(s.softcap) * th;
+          }
+          pvec = simd::exp<T>(score - simd::load(w.lse.data() + v * L));
           if (mixed<T>(vl, v)) pvec = hidden_lanes<T>(vl, v) ? Vec<T>{} : pvec;
           dsvec = pvec * (simd::load(dr) - simd::load(w.delta.data() + v * L));
+          if (s.softcap) dsvec *= T(1) - th * th;  // d capped / d s
         }
         simd::store(pr, pvec), simd::store(dr, dsvec);
       }

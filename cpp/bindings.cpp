@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -53,7 +54,7 @@ void expect_ndim(const py::array& a, const char* name, py::ssize_t ndim) {
 template <typename T>
 AttentionShape attention_shape(const Array<T>& q, const Array<T>& k, const Array<T>& v,
                                const Array<T>& pk, const Array<T>& pv, const Mask& mask,
-                               bool causal, double scale, int64_t window) {
+                               bool causal, double scale, int64_t window, double softcap) {
   expect_ndim(q, "q", 4);
   expect_ndim(k, "k", 4);
   AttentionShape s{};
@@ -70,6 +71,10 @@ AttentionShape attention_shape(const Array<T>& q, const Array<T>& k, const Array
   if (window < 0) throw py::value_error("window: expected 0 (none) or a positive key count, got " +
                                         std::to_string(window));
   s.window = window;
+  if (!(softcap >= 0) || std::isinf(softcap))
+    throw py::value_error("softcap: expected 0 (none) or a positive finite number, got " +
+                          std::to_string(softcap));
+  s.softcap = softcap;
   s.prefix_per_row = pk.ndim() == 4;
   if (pk.ndim() != 3 && pk.ndim() != 4)
     throw py::value_error("prefix_k: expected 3 or 4 dimensions, got shape " + shape_str(pk));
@@ -159,8 +164,8 @@ Array<float> dequantize_py(const py::array& data, int format, py::ssize_t cols) 
 template <typename T>
 py::tuple attention_forward(const Array<T>& q, const Array<T>& k, const Array<T>& v,
                             const Array<T>& pk, const Array<T>& pv, bool causal,
-                            const Mask& mask, double scale, int64_t window) {
-  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale, window);
+                            const Mask& mask, double scale, int64_t window, double softcap) {
+  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale, window, softcap);
   Array<T> out({s.B, s.T, s.H, s.D}), lse({s.B, s.H, s.T});
   T *o = out.mutable_data(), *l = lse.mutable_data();
   {
@@ -175,8 +180,8 @@ template <typename T>
 py::tuple attention_backward(const Array<T>& dout, const Array<T>& q, const Array<T>& k,
                              const Array<T>& v, const Array<T>& pk, const Array<T>& pv,
                              const Array<T>& out, const Array<T>& lse, bool causal,
-                             const Mask& mask, double scale, int64_t window) {
-  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale, window);
+                             const Mask& mask, double scale, int64_t window, double softcap) {
+  const AttentionShape s = attention_shape(q, k, v, pk, pv, mask, causal, scale, window, softcap);
   expect_shape(dout, "dout", {s.B, s.T, s.H, s.D});
   expect_shape(out, "out", {s.B, s.T, s.H, s.D});
   expect_shape(lse, "lse", {s.B, s.H, s.T});
@@ -360,12 +365,12 @@ void bind_dtype(py::module_& m) {
   m.def("prefix_attention_forward", &attention_forward<T>, py::arg("q").noconvert(),
         py::arg("k").noconvert(), py::arg("v").noconvert(), py::arg("prefix_k").noconvert(),
         py::arg("prefix_v").noconvert(), py::arg("causal"), py::arg("key_padding_mask").noconvert(),
-        py::arg("scale"), py::arg("window") = 0);
+        py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.def("prefix_attention_backward", &attention_backward<T>, py::arg("dout").noconvert(),
         py::arg("q").noconvert(), py::arg("k").noconvert(), py::arg("v").noconvert(),
         py::arg("prefix_k").noconvert(), py::arg("prefix_v").noconvert(),
         py::arg("out").noconvert(), py::arg("lse").noconvert(), py::arg("causal"),
-        py::arg("key_padding_mask").noconvert(), py::arg("scale"), py::arg("window") = 0);
+        py::arg("key_padding_mask").noconvert(), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.def("prepend_forward", &prepend_fwd<T>, py::arg("prompt").noconvert(),
         py::arg("x").noconvert());
   m.def("prepend_backward", &prepend_bwd<T>, py::arg("dy").noconvert(),

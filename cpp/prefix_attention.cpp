@@ -127,7 +127,7 @@ void chunk_scores(Block<T>& scores, const Block<T>& qs, const HeadView<T>& hv, c
 // not depend on which thread ran an item.
 template <typename T>
 struct Scratch {
-  Vec<T> qs, scores, dscores, acc;
+  Vec<T> qs, scores, dscores, acc, tanh;  // tanh: the backward's tanh(s / softcap)
   Vec<T> m, l, alpha, aux;
   explicit Scratch(const AttentionShape& s) {
     const int64_t width = s.P + std::min(s.S, kKeyChunk);
@@ -135,6 +135,7 @@ struct Scratch {
     acc.resize(kQueryBlock * s.D);
     scores.resize(kQueryBlock * width);
     dscores.resize(kQueryBlock * width);
+    if (s.softcap) tanh.resize(kQueryBlock * width);
     m.resize(kQueryBlock), l.resize(kQueryBlock), alpha.resize(kQueryBlock), aux.resize(kQueryBlock);
   }
 };
@@ -165,6 +166,7 @@ void forward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& hv
   for_each_chunk(s.P, hv.input_end(i0 + n), [&](const Chunk& c) {
     Block<T> p(w.scores.data(), n, c.cols());
     chunk_scores(p, qs, hv, c);
+    if (s.softcap) p.array() = T(s.softcap) * (p.array() * T(1 / s.softcap)).tanh();
     fill_hidden(p, hv, c, i0, ninf);
     // Online softmax: rescale what came before by exp(m_old - m_new). A NaN score (hidden ones
     // are -inf by now) makes its row's max NaN, and the whole row NaN, as any softmax would.
@@ -210,7 +212,8 @@ void forward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& hv
 // One query block's share of the backward for head h, accumulating into dk/dv (this kv head),
 // the prefix gradient rows dpk/dpv [P, D], and writing dq.
 //   p = exp(scores - lse);  dv += p^T do;  dp = do v^T;  ds = p * (dp - rowsum(do * o));
-//   dq = scale * ds k;  dk += ds^T (scale q)
+//   (soft-capping: scores = c tanh(s / c), and ds *= 1 - tanh^2);  dq = scale * ds k;
+//   dk += ds^T (scale q)
 template <typename T>
 void backward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& hv, int64_t h,
                     int64_t i0, int64_t n, const T* dout, const T* q, const T* out, const T* lse,
@@ -236,6 +239,11 @@ void backward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& h
   for_each_chunk(s.P, hv.input_end(i0 + n), [&](const Chunk& c) {
     Block<T> p(w.scores.data(), n, c.cols()), ds(w.dscores.data(), n, c.cols());
     chunk_scores(p, qs, hv, c);
+    Block<T> th(s.softcap ? w.tanh.data() : nullptr, s.softcap ? n : 0, s.softcap ? c.cols() : 0);
+    if (s.softcap) {
+      th = (p.array() * T(1 / s.softcap)).tanh();
+      p.array() = T(s.softcap) * th.array();
+    }
     p.array().colwise() -= lse_n.array();
     p.array() = (p.array() == ninf).select(T(0), p.array().exp());  // exp(-inf) = 0 exactly
     if (any_nan) nan_rows(p, lse_n);
@@ -249,6 +257,7 @@ void backward_block(const AttentionShape& s, Scratch<T>& w, const HeadView<T>& h
     if (nin) ds.rightCols(nin).noalias() = dorows * hv.values(c.j0, c.j1).transpose();
     ds.array().colwise() -= delta.array();
     ds.array() *= p.array();
+    if (s.softcap) ds.array() *= T(1) - th.array().square();  // d capped / d s
     if (c.np) {
       dpv.noalias() += p.leftCols(c.np).transpose() * dorows;
       dpk.noalias() += ds.leftCols(c.np).transpose() * qs;

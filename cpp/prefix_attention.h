@@ -14,6 +14,10 @@ struct AttentionShape {
   // P + i + (S - T); a query at x sees a key at y iff x - y < window (with causal: W keys, itself
   // included), the prefix too: transformers' sliding window with PEFT's virtual tokens cached first.
   int64_t window;
+  // Attention-logit soft-capping (0: none): a score s = scale * q . k becomes softcap *
+  // tanh(s / softcap) before the softmax (Gemma 2's attn_logit_softcapping); the backward
+  // multiplies ds by 1 - tanh^2.
+  double softcap;
 };
 
 // q [B,T,H,D]; k, v [B,S,Hkv,D]; prefix_k, prefix_v [P,Hkv,D] or [B,P,Hkv,D];

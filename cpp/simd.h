@@ -103,6 +103,32 @@ inline Vec<T> exp(Vec<T> x) {
   }
 }
 
+// tanh for float: Eigen's generic_fast_tanh_float (a 13/6 rational on [-7.9, 7.9], clamped
+// outside, x itself below 4e-4), a few ulp from the true tanh; NaN gives NaN, +-inf gives +-1.
+// For double: the libm tanh per lane (gradient checks only, as for exp).
+template <typename T>
+inline Vec<T> tanh(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Mask<float> tiny = (x < 4e-4f) & (x > -4e-4f);
+    const Vec<float> c = broadcast(7.90531110763549805f);
+    const Vec<float> y = x > c ? c : (x < -c ? -c : x);  // NaN stays NaN (both compares false)
+    const Vec<float> y2 = y * y;
+    Vec<float> p = y2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+    p = p * y2 + -8.60467152213735e-11f;
+    p = p * y2 + 5.12229709037114e-08f;
+    p = p * y2 + 1.48572235717979e-05f;
+    p = p * y2 + 6.37261928875436e-04f;
+    p = p * y2 + 4.89352455891786e-03f;
+    Vec<float> q = y2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+    q = q * y2 + 2.26843463243900e-03f;
+    q = q * y2 + 4.89352518554385e-03f;
+    return tiny ? x : y * p / q;
+  } else {
+    for (int i = 0; i < kLanes<T>; ++i) x[i] = std::tanh(x[i]);
+    return x;
+  }
+}
+
 // The micro-kernel: C[r][0 : NV*L] (=, or += with ACC) sum_{k < K} a(r, k) * B[k][0 : NV*L]
 // for r < R, where a(r, k) = a[r * ars + k * aks] is broadcast and B's rows are vectors.
 // R x NV accumulators stay in registers for the whole k loop. Shapes: C [R, ldc], B [K, ldb].

@@ -35,6 +35,8 @@ EXEMPT = {
     "rope_parameters": "every rope_type in tests/test_model_settings.py",
     "layer_types": "with use_sliding_window and sliding_window in tests/test_window.py",
     "max_window_layers": "with use_sliding_window in tests/test_window.py",
+    "_sliding_window_pattern": "Gemma3TextConfig writes it beside layer_types and never reads it back (layer_types "
+                               "decides; the Hub's sliding_window_pattern in tests/test_architectures.py)",
 }
 TRIES = {  # field -> values to try (each alone, on top of the tiny base config)
     "llama": {"attention_bias": [True], "mlp_bias": [True], "head_dim": [12], "num_key_value_heads": [1, 4],
@@ -50,6 +52,23 @@ TRIES = {  # field -> values to try (each alone, on top of the tiny base config)
     "gemma": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True],
               "hidden_act": ["gelu_pytorch_tanh", "gelu", "silu"], "rms_norm_eps": [1e-2],
               "use_bidirectional_attention": [True], "tie_word_embeddings": [True, False]},
+    "gemma2": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True],
+               "hidden_activation": ["gelu_pytorch_tanh", "gelu_new", "gelu", "silu"], "rms_norm_eps": [1e-2],
+               "query_pre_attn_scalar": [7], "attn_logit_softcapping": [0.5, None],
+               "final_logit_softcapping": [0.5, None], "sliding_window": [3, None],
+               "layer_types": [["full_attention", "sliding_attention"]], "use_bidirectional_attention": [True],
+               "tie_word_embeddings": [True, False]},
+    "gemma3_text": {"num_key_value_heads": [1], "head_dim": [12], "attention_bias": [True],
+                    "hidden_activation": ["gelu_pytorch_tanh", "gelu", "silu"], "rms_norm_eps": [1e-2],
+                    "query_pre_attn_scalar": [7], "attn_logit_softcapping": [0.5],
+                    "final_logit_softcapping": [0.5], "sliding_window": [3, None],
+                    "layer_types": [["full_attention", "sliding_attention"]], "use_bidirectional_attention": [True],
+                    "rope_parameters": [{"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 300.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 20.0}},
+                                        {"full_attention": {"rope_type": "default", "rope_theta": 300.0},
+                                         "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 20.0}}],
+                    "tie_word_embeddings": [True, False]},
     "gpt2": {"activation_function": ["gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu", "tanh"],
              "scale_attn_weights": [False], "scale_attn_by_inverse_layer_idx": [True],
              "reorder_and_upcast_attn": [True], "layer_norm_epsilon": [1e-2], "n_inner": [40],
@@ -66,12 +85,14 @@ BASE = {
 }
 CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-           "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+           "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+           "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
            "bert": ("BertConfig", "BertModel")}
 
 
 def _base(arch):
-    base = dict(BASE["llama" if arch in ("mistral", "qwen2", "qwen3", "gemma") else arch], initializer_range=0.2)
+    base = dict(BASE["llama" if arch in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text") else arch],
+                initializer_range=0.2)
     if arch not in ("qwen2", "qwen3"):
         base.pop("max_window_layers", None)
     if arch == "llama":

@@ -309,7 +309,7 @@ def _cmd_info(args):
     model = softprompt.load_model(args.model)
     c = model.config
     total = model.num_parameters()
-    print(f"model: {c.name_or_path} ({c.arch}): {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
+    print(f"model: {c.name_or_path} ({c.model_type or c.arch}): {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads "
           f"({c.num_kv_heads} kv) of {c.head_dim}, vocabulary {c.vocab_size}; {total:,} frozen parameters")
     print("| P | prompt tuning | % of model | prefix tuning | % of model |")
     print("|---|---|---|---|---|")

@@ -95,7 +95,7 @@ def generate(model, input_ids, *, adapter=None, max_new_tokens=32, temperature=0
     next_pos = pos[:, -1] + 1
     with nn.decoding():  # a few rows per step: dot products that read each weight once
         for step in range(max_new_tokens):
-            nxt = _pick(nn.linear(h[:, -1], model.output_embeddings()), temperature, top_p, rng)
+            nxt = _pick(model.lm_logits(h[:, -1]), temperature, top_p, rng)
             if _record(out, done, nxt, stop) or step == max_new_tokens - 1:
                 break
             # One step: the new token against the cache (its key is appended inside attention()).

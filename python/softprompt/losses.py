@@ -62,12 +62,14 @@ def lm_loss(model, hidden, targets, loss_mask, total=None):
     chunks = -(-n * w.shape[0] * hidden.itemsize // LOGITS_CHUNK_BYTES)
     size = -(-n // chunks)
     total = n if total is None else total
+    cap = model.config.final_logit_softcapping
     loss = 0.0
     for r0 in range(0, n, size):
         sel = rows[r0:r0 + size]
         logits = nn.linear(h[sel], w)  # [rows, V]
+        th = nn.softcap(logits, cap)
         loss += float(ops.softmax_cross_entropy(logits, labels[r0:r0 + size], 1.0 / total).sum())
-        dh[sel] = nn.linear_backward(logits, w)
+        dh[sel] = nn.linear_backward(nn.softcap_backward(logits, th), w)
     return loss / total, dh.reshape(hidden.shape)
 
 
@@ -81,17 +83,27 @@ def _rowwise(a, b):
 
 def label_word_logits(model, hidden, positions, label_ids):
     """hidden [B, T, C], positions [B] (the answer position of each row), label_ids [K] (or [B, K],
-    one set per row) -> [B, K]."""
+    one set per row) -> [B, K], soft-capped as the model's LM logits are (final_logit_softcapping)."""
     h = hidden[np.arange(hidden.shape[0]), positions]
     label_ids = np.asarray(label_ids)
     if label_ids.ndim == 2:
-        return np.einsum("bc,bkc->bk", h, model.output_embeddings()[label_ids])
-    return _rowwise(h, model.output_embeddings()[label_ids].T)
+        logits = np.einsum("bc,bkc->bk", h, model.output_embeddings()[label_ids])
+    else:
+        logits = _rowwise(h, model.output_embeddings()[label_ids].T)
+    nn.softcap(logits, model.config.final_logit_softcapping)
+    return logits
 
 
-def label_word_logits_backward(model, dlogits, hidden_shape, positions, label_ids):
-    """label_word_logits' backward: dlogits [B, K] -> dhidden [B, T, C] (zero off the answer positions)."""
+def label_word_logits_backward(model, dlogits, hidden_shape, positions, label_ids, logits=None):
+    """label_word_logits' backward: dlogits [B, K] -> dhidden [B, T, C] (zero off the answer
+    positions). logits: label_word_logits' output, required when the model soft-caps its logits
+    (the cap's derivative is 1 - (logits / cap)^2)."""
     w = model.output_embeddings()
+    cap = model.config.final_logit_softcapping
+    if cap is not None:
+        if logits is None:
+            raise ValueError("logits: label_word_logits' output is required for a model with final_logit_softcapping")
+        dlogits = dlogits * (1 - np.square(np.asarray(logits, dtype=np.float64) / cap))
     label_ids = np.asarray(label_ids)
     dhidden = np.zeros(hidden_shape, dtype=w.dtype)
     rows = np.arange(hidden_shape[0])
@@ -108,7 +120,7 @@ def label_word_loss(model, hidden, positions, label_ids, labels, total=None):
     -> (loss, dhidden [B, T, C], logits [B, K])."""
     logits = label_word_logits(model, hidden, positions, label_ids)
     loss, dlogits = cross_entropy(logits, np.asarray(labels), total)
-    return loss, label_word_logits_backward(model, dlogits, hidden.shape, positions, label_ids), logits
+    return loss, label_word_logits_backward(model, dlogits, hidden.shape, positions, label_ids, logits), logits
 
 
 class TokenLogProbs:
@@ -124,8 +136,10 @@ class TokenLogProbs:
         self.rows = np.flatnonzero(np.asarray(mask, dtype=bool))
         w = model.output_embeddings()
         h = hidden.reshape(-1, hidden.shape[-1])[self.rows]
-        self.grad = nn.linear(h, w)  # [n, V] logits, then softmax - onehot in place
+        self.grad = nn.linear(h, w)  # [n, V] logits, then d(-log p) / d(raw logits) in place
+        th = nn.softcap(self.grad, model.config.final_logit_softcapping)
         nll = ops.softmax_cross_entropy(self.grad, np.asarray(targets).reshape(-1)[self.rows], 1.0)
+        nn.softcap_backward(self.grad, th)
         self.values = np.zeros(hidden.shape[:2])
         self.values.reshape(-1)[self.rows] = -nll
 

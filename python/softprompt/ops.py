@@ -156,6 +156,17 @@ def _check_window(window, causal):
     return int(window)
 
 
+def _check_softcap(softcap):
+    """-> the soft-capping constant as _core takes it (0: none)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a real number or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap}")
+    return float(softcap)
+
+
 def _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
     """-> contiguous arrays, the mask (or None), causal and the resolved scale."""
     q = _array("q", q)
@@ -191,7 +202,7 @@ def _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scal
 
 # --------------------------------------------------------------------------- prefix attention
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None,
-                             window=None, backend=None):
+                             window=None, softcap=None, backend=None):
     """Attention of q over [prefix | input] keys and values.
 
     q [B, T, H, D]; k, v [B, S, Hkv, D] (Hkv divides H: query head h uses kv head h // (H // Hkv));
@@ -203,20 +214,23 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_p
     at p, input key j at P + j, query i at P + i + (S - T); a query at x sees a key at y iff
     x - y < window, so virtual tokens fall out of a query's window like any other key, as in
     transformers' sliding-window mask with PEFT's virtual tokens first in the cache (Mistral).
-    -> out [B, T, H, D], lse [B, H, T] (log-sum-exp of the scaled visible scores; a query that sees
-    no key gets out = 0 and lse = -inf).
+    softcap: attention-logit soft-capping (None: none): every score s = scale * q . k becomes
+    softcap * tanh(s / softcap) before the softmax (Gemma 2's `attn_logit_softcapping`, as in
+    transformers' modeling_gemma2.py).
+    -> out [B, T, H, D], lse [B, H, T] (log-sum-exp of the scaled (and capped) visible scores; a query
+    that sees no key gets out = 0 and lse = -inf).
     """
     q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
-    window = _check_window(window, causal)
+    window, softcap = _check_window(window, causal), _check_softcap(softcap)
     if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prefix_attention_forward(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, scale=scale,
-                                                  window=window or None)
-    return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale, window)
+                                                  window=window or None, softcap=softcap or None)
+    return _core.prefix_attention_forward(q, k, v, pk, pv, causal, mask, scale, window, softcap)
 
 
 def prefix_attention_backward(
     dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, window=None,
-    backend=None
+    softcap=None, backend=None
 ):
     """Gradients of prefix_attention_forward, given dout [B, T, H, D] and the forward's out and lse.
 
@@ -225,7 +239,7 @@ def prefix_attention_backward(
     dk/dv (and the prefix's) sum over the query heads of each group.
     """
     q, k, v, pk, pv, causal, mask, scale = _check_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
-    window = _check_window(window, causal)
+    window, softcap = _check_window(window, causal), _check_softcap(softcap)
     B, T, H, D = q.shape
     dout, out, lse = _array("dout", dout, q.dtype), _array("out", out, q.dtype), _array("lse", lse, q.dtype)
     _expect_shape("dout", dout, [("B", B), ("T", T), ("H", H), ("D", D)])
@@ -233,9 +247,9 @@ def prefix_attention_backward(
     _expect_shape("lse", lse, [("B", B), ("H", H), ("T", T)])
     if _check_backend(backend or _backend.get()) == "numpy":
         return reference.prefix_attention_backward(
-            dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale, window=window or None
-        )
-    return _core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, mask, scale, window)
+            dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask, scale=scale, window=window or None,
+            softcap=softcap or None)
+    return _core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, mask, scale, window, softcap)
 
 
 # --------------------------------------------------------------------------- prompt prepend

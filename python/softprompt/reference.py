@@ -143,6 +143,14 @@ def _scores(q, k_full, scale):
         return scale * (_heads_first(q) @ k_full.swapaxes(-1, -2))
 
 
+def _capped(scores, softcap):
+    """Soft-capping: -> (softcap * tanh(scores / softcap), tanh(scores / softcap)), or (scores, None)."""
+    if softcap is None:
+        return scores, None
+    th = np.tanh(scores / softcap)
+    return softcap * th, th
+
+
 def _probabilities(scores, visible):
     """Masked softmax.  -> p [B, H, T, P+S], lse [B, H, T] (-inf where a query sees no key)."""
     # A visible NaN score makes its row's max, and so the whole row, NaN (as in any softmax); a
@@ -160,25 +168,29 @@ def _probabilities(scores, visible):
 
 
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, *, causal=False, key_padding_mask=None, scale=None,
-                             window=None):
-    """softmax(scale * q [prefix_k | k]^T) [prefix_v | v]  -> (out [B, T, H, D], lse [B, H, T])."""
+                             window=None, softcap=None):
+    """softmax(cap(scale * q [prefix_k | k]^T)) [prefix_v | v]  -> (out [B, T, H, D], lse [B, H, T]);
+    cap(s) = softcap * tanh(s / softcap), or s without softcap."""
     B, T, H, D = q.shape
     S, P = k.shape[1], prefix_k.shape[-3]
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     k_full, v_full = _full_keys(k, v, prefix_k, prefix_v, H)
-    p, lse = _probabilities(_scores(q, k_full, scale), _visible(B, T, S, P, causal, key_padding_mask, window))
+    scores, _ = _capped(_scores(q, k_full, scale), softcap)
+    p, lse = _probabilities(scores, _visible(B, T, S, P, causal, key_padding_mask, window))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs propagate (ops' rules), silently
         out = _heads_first(p @ v_full)
     return np.ascontiguousarray(out, dtype=q.dtype), lse.astype(q.dtype, copy=False)
 
 
 def prefix_attention_backward(
-    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, window=None
+    dout, q, k, v, prefix_k, prefix_v, out, lse, *, causal=False, key_padding_mask=None, scale=None, window=None,
+    softcap=None
 ):
     """Gradients of the forward.  -> (dq, dk, dv, dprefix_k, dprefix_v), shaped like their inputs.
 
     With p = softmax(s), s = scale * q k^T:  dv = p^T do;  dp = do v^T;
     ds = p * (dp - rowsum(do * out));  dq = scale * ds k;  dk = scale * ds^T q.
+    With soft-capping p = softmax(c tanh(s / c)) and ds is multiplied by 1 - tanh(s / c)^2.
     """
     B, T, H, D = q.shape
     S, Hkv, P = k.shape[1], k.shape[2], prefix_k.shape[-3]
@@ -187,14 +199,17 @@ def prefix_attention_backward(
     visible = _visible(B, T, S, P, causal, key_padding_mask, window)
     hidden_row = np.isneginf(lse)[..., None]  # sees no key (a NaN lse stays: its gradients are NaN)
     lse_safe = np.where(hidden_row, 0.0, lse[..., None])
+    scores, th = _capped(_scores(q, k_full, scale), softcap)
     with np.errstate(over="ignore", invalid="ignore"):  # hidden scores may overflow; they are dropped
-        p = np.where(visible & ~hidden_row, np.exp(_scores(q, k_full, scale) - lse_safe), 0.0)  # from lse
+        p = np.where(visible & ~hidden_row, np.exp(scores - lse_safe), 0.0)  # from lse
     do = _heads_first(dout)  # [B, H, T, D]
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs propagate (ops' rules), silently
         dv_full = p.swapaxes(-1, -2) @ do  # [B, H, P+S, D]
         dp = do @ v_full.swapaxes(-1, -2)  # [B, H, T, P+S]
         delta = np.sum(dout * out, axis=-1).transpose(0, 2, 1)[..., None]  # [B, H, T, 1]
         ds = p * (dp - delta)
+        if th is not None:
+            ds = ds * (1 - th * th)
         dq = scale * _heads_first(ds @ k_full)
         dk_full = scale * (ds.swapaxes(-1, -2) @ _heads_first(q))  # [B, H, P+S, D]
     # Fold the repeated query heads back onto their kv head, then split prefix from input.

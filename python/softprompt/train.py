@@ -282,15 +282,16 @@ class Task:
             example, label, rows, targets = cont
             logp = losses.TokenLogProbs(self.model, hidden_c, targets, rows.mask)
         pos = mask.sum(1) - 1
-        scores = losses.label_word_logits(self.model, hidden, pos, first).astype(np.float64)
+        first_logits = losses.label_word_logits(self.model, hidden, pos, first)
+        scores = first_logits.astype(np.float64)
         if logp is not None:
             np.add.at(scores, (example, label), logp.values.sum(axis=1))
-        return scores, (hidden.shape, cache, pos, first, cont, logp)
+        return scores, (hidden.shape, cache, pos, first, first_logits, cont, logp)
 
     def _label_scores_backward(self, dscores, state, prompt_sum=None):
         """The model's gradients (backward's dict) given d loss / d scores [B, K]."""
-        shape, cache, pos, first, cont, logp = state
-        dh = losses.label_word_logits_backward(self.model, dscores, shape, pos, first)
+        shape, cache, pos, first, first_logits, cont, logp = state
+        dh = losses.label_word_logits_backward(self.model, dscores, shape, pos, first, first_logits)
         dc = None
         if logp is not None:
             example, label = cont[0], cont[1]

@@ -57,6 +57,9 @@ class ModelConfig:
     norm_eps: float
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = RopeScaling()
+    # Gemma 3's local ("sliding_attention") layers rotate with their own base and scaling:
+    rope_local_theta: float | None = None
+    rope_local_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 2048
     sliding_window: int | None = None  # keys a query sees, itself included (Mistral, Qwen2); None: all
     layer_types: tuple | None = None  # per layer "sliding_attention" | "full_attention"; None: every
@@ -69,6 +72,8 @@ class ModelConfig:
     causal: bool = True
     attention_scale: float | None = None  # the scores' factor; None: 1 / sqrt(head_dim)
     attention_scale_by_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx: / (layer + 1)
+    attn_logit_softcapping: float | None = None  # scores -> c tanh(scores / c) (Gemma 2); None: none
+    final_logit_softcapping: float | None = None  # LM logits -> c tanh(logits / c) (Gemma 2); None: none
     bos_token_id: int | None = None
     eos_token_id: int | None = None  # generation stops here; appended to generation targets
     pad_token_id: int | None = None
@@ -149,7 +154,8 @@ class Context:
     positions: np.ndarray  # [B, L] int: position of every row of the sequence the layers see
     key_mask: np.ndarray | None  # bool [B, L] (True = real token), or None when nothing is padded
     prefix: np.ndarray | None  # [num_layers, 2, (B,) P, Hkv, D] or None
-    rope: RopeTables | None = None  # set by the model's prepare() (RoPE models)
+    # set by the model's prepare() (RoPE models); Gemma 3: {layer type: RopeTables}
+    rope: RopeTables | dict | None = None
     token_type_ids: np.ndarray | None = None  # int [B, L] (BERT; None = all type 0)
     kv_cache: KVCache | None = None  # generation: keys and values are appended here
     packed: PackedPrompt | None = None  # shared prompt rows: attention tells prompt and batch apart
@@ -246,6 +252,14 @@ class Transformer:
         scale = c.head_dim**-0.5 if c.attention_scale is None else c.attention_scale
         return scale / (i + 1) if c.attention_scale_by_layer else scale
 
+    def attention_softcap(self, i):
+        """Layer i's attention-logit soft-capping constant (None: none; see ops.prefix_attention_forward)."""
+        return self.config.attn_logit_softcapping
+
+    def attention_options(self, i):
+        """Layer i's keyword arguments to the attention ops: window, scale, softcap."""
+        return dict(window=self.attention_window(i), scale=self.attention_scale(i), softcap=self.attention_softcap(i))
+
     def attention_window(self, i):
         """Layer i's sliding window (keys a query sees, itself included; see ops'
         prefix_attention_forward), or None for full attention."""
@@ -311,7 +325,7 @@ class Transformer:
                 v = np.concatenate([cached[i][1], v], axis=1)
             cached[i] = (k, v)
         return ops.prefix_attention_forward(q, k, v, pk, pv, causal=self.config.causal, key_padding_mask=ctx.key_mask,
-                                            window=self.attention_window(i), scale=self.attention_scale(i))
+                                            **self.attention_options(i))
 
     def attention_backward(self, i, dout, q, k, v, out, lse, ctx):
         """-> dq [B, L, H, D], dk, dv [B, L, Hkv, D], and the layer's prefix gradient (float64)."""
@@ -319,7 +333,7 @@ class Transformer:
             return self._packed_attention_backward(i, dout, q, k, v, out, lse, ctx)
         pk, pv = self._layer_prefix(i, ctx, q.dtype)
         return _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, self.config.causal, ctx.key_mask,
-                                        self.attention_window(i), self.attention_scale(i))
+                                        **self.attention_options(i))
 
     # Packed rows: q/k/v [1, P + B*T + R*E, heads, D]: the prompt's P rows, the batch's, then the
     # continuations'. The prompt attends to itself (causal); the batch attends to the prompt's
@@ -343,17 +357,17 @@ class Transformer:
                 np.concatenate([layout.index_mask[g, cut:], own_mask[g]], axis=1))
 
     def _packed_attention(self, i, q, k, v, ctx):
-        packed, window, scale = ctx.packed, self.attention_window(i), self.attention_scale(i)
+        packed, kw = ctx.packed, self.attention_options(i)
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb, qc), (kp, kb, kc), (vp, vb, vc) = (self._packed_parts(a, packed) for a in (q, k, v))
         pk, pv = self._layer_prefix(i, ctx, q.dtype)  # prefix tuning's; empty otherwise
         out_p = lse_p = out_b = lse_b = None
         if P:
-            out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, pk, pv, causal=True, window=window, scale=scale)
+            out_p, lse_p = ops.prefix_attention_forward(qp, kp, vp, pk, pv, causal=True, **kw)
         if B:  # the prompt's keys and values (P > 0) or the layer's prefix, before every row's own
             bk, bv = (kp[0], vp[0]) if P else (pk, pv)
             out_b, lse_b = ops.prefix_attention_forward(qb, kb, vb, bk, bv, causal=True,
-                                                        key_padding_mask=packed.key_mask, window=window, scale=scale)
+                                                        key_padding_mask=packed.key_mask, **kw)
         out_c, lse_c = np.zeros_like(qc), []
         layout = packed.continuation
         if layout is not None:
@@ -362,13 +376,13 @@ class Transformer:
                 kg, mask = self._continuation_keys(layout, g, width, k_main, kc)
                 vg, _ = self._continuation_keys(layout, g, width, v_main, vc)
                 out_c[g], lse = ops.prefix_attention_forward(qc[g], kg, vg, pk, pv, causal=True, key_padding_mask=mask,
-                                                             window=window, scale=scale)
+                                                             **kw)
                 lse_c.append(lse)
         parts = [a.reshape(-1, *a.shape[2:]) for a in (out_p, out_b, out_c) if a is not None]
         return np.concatenate(parts)[None], (lse_p, lse_b, lse_c)
 
     def _packed_attention_backward(self, i, dout, q, k, v, out, lse, ctx):
-        packed, window, scale = ctx.packed, self.attention_window(i), self.attention_scale(i)
+        packed, kw = ctx.packed, self.attention_options(i)
         P, B, T = packed.num_virtual_tokens, packed.batch, packed.length
         (qp, qb, qc), (kp, kb, kc), (vp, vb, vc), (op, ob, oc), (dp, db, dc) = (
             self._packed_parts(a, packed) for a in (q, k, v, out, dout))
@@ -390,7 +404,7 @@ class Transformer:
                 kg, mask = self._continuation_keys(layout, g, width, k_main, kc)
                 vg, _ = self._continuation_keys(layout, g, width, v_main, vc)
                 dq_c[g], dkg, dvg, dpk, dpv = _attention_backward_rows(dc[g], qc[g], kg, vg, pk, pv, oc[g], lse_g,
-                                                                       True, mask, window, scale)
+                                                                       True, mask, **kw)
                 dk_c[g], dv_c[g] = dkg[:, width:], dvg[:, width:]
                 cut = layout.index.shape[1] - width
                 for j, r in enumerate(g):
@@ -403,7 +417,7 @@ class Transformer:
         if B:
             bk, bv = (kp[0], vp[0]) if P else (pk, pv)
             dq_b, dk_b, dv_b, dbk, dbv = _attention_backward_rows(db, qb, kb, vb, bk, bv, ob, lse_b, True,
-                                                                  packed.key_mask, window, scale)
+                                                                  packed.key_mask, **kw)
             dk_b += past_k[P:].reshape(dk_b.shape).astype(dk_b.dtype)
             dv_b += past_v[P:].reshape(dv_b.shape).astype(dv_b.dtype)
             dq[P:n], dk[P:n], dv[P:n] = (x.reshape(B * T, *x.shape[2:]) for x in (dq_b, dk_b, dv_b))
@@ -411,7 +425,7 @@ class Transformer:
             dbk, dbv = np.zeros(kp.shape[1:]) if P else np.zeros(pk.shape), np.zeros(vp.shape[1:]) if P else np.zeros(pv.shape)
         if P:
             dq_p, dk_p, dv_p, dpk, dpv = ops.prefix_attention_backward(dp, qp, kp, vp, pk, pv, op, lse_p, causal=True,
-                                                                       window=window, scale=scale)
+                                                                       **kw)
             dbk, dbv = dbk + past_k[:P], dbv + past_v[:P]  # what the batch and continuations give the prompt
             if packed.prompt_sum is not None:  # data parallelism: what every process's rows give the prompt
                 dbk, dbv = np.split(packed.prompt_sum(np.concatenate([dbk.reshape(-1), dbv.reshape(-1)])), 2)
@@ -687,7 +701,14 @@ class Transformer:
     def logits(self, input_ids, attention_mask=None, *, adapter=None):
         """LM logits for the T input tokens (not the virtual ones).  -> float32 [B, T, vocab]."""
         h = self.forward(input_ids, attention_mask, adapter=adapter)
-        return nn.linear(h, self.output_embeddings()).astype(np.float32, copy=False)
+        return self.lm_logits(h).astype(np.float32, copy=False)
+
+    def lm_logits(self, h):
+        """The LM head: h [..., C] -> logits [..., V] in the model's dtype, soft-capped where the
+        config says so (final_logit_softcapping)."""
+        logits = nn.linear(h, self.output_embeddings())
+        nn.softcap(logits, self.config.final_logit_softcapping)
+        return logits
 
     def astype(self, dtype):
         """A copy of the model with every weight cast (float64 for gradient checks)."""
@@ -714,20 +735,20 @@ class Transformer:
                 self.__dict__[name] = cast(value)
 
 
-def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, window=None, scale=None):
+def _attention_backward_rows(dout, q, k, v, pk, pv, out, lse, causal, mask, **kw):
     """The attention backward with a shared prefix's gradient summed over the batch in float64:
     the prefix goes to the kernel per row, so its gradient comes per row. A float64 sum of n
     float32 rows does not round unless their magnitudes span more than about 2^(29 - log2 n), so
     any split of the batch, over micro-batches or MPI ranks, practically always sums to the same
     bits (and otherwise differs by one float64 ulp, which the float32 cast nearly always hides).
-    -> dq, dk, dv, dpk, dpv (float64)."""
+    kw: the layer's attention_options. -> dq, dk, dv, dpk, dpv (float64)."""
     B, P = q.shape[0], pk.shape[0]
     if pk.ndim == 4 or P == 0:  # per-row or no prefix: nothing to sum
         return ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=mask,
-                                             window=window, scale=scale)
+                                             **kw)
     rows = lambda a: np.broadcast_to(a, (B, *a.shape))  # noqa: E731
     dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(dout, q, k, v, rows(pk), rows(pv), out, lse, causal=causal,
-                                                         key_padding_mask=mask, window=window, scale=scale)
+                                                         key_padding_mask=mask, **kw)
     return dq, dk, dv, dpk.sum(axis=0, dtype=np.float64), dpv.sum(axis=0, dtype=np.float64)
 
 

@@ -54,6 +54,9 @@ def gguf_tokenizer(fields: dict, path) -> Tokenizer | None:
         raise ValueError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokens {len(tokens)}")
     if kind == "gpt2":
         tok, add_bos = _byte_level_bpe(fields, tokens, path), False
+    elif kind == "llama" and str(fields.get("general.architecture", "")).startswith("gemma"):
+        tokens = _gemma_spelling(tokens)
+        tok, add_bos = _gemma_bpe(fields, tokens), True
     elif kind == "llama":
         tok, add_bos = _sentencepiece_bpe(fields, tokens, path), True
     elif kind == "bert":
@@ -121,6 +124,32 @@ def _sentencepiece_bpe(fields, tokens, path):
                                                  split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tok
+
+
+def _gemma_spelling(tokens):
+    """Gemma's files store its whitespace-run tokens with real spaces ("  "), while its BPE works on
+    text whose spaces are "▁": those tokens are respelled as "▁" * length (as transformers'
+    GGUF gemma_tokenizer does), so the merges built from them match."""
+    return ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+
+
+def _gemma_bpe(fields, tokens):
+    """Gemma's SentencePiece BPE (transformers' GemmaTokenizer): spaces become "▁" (no prefix
+    space), the text is split after each space, byte fallback. Its merges are rebuilt best-first in
+    the order the tokens appear in the file: Gemma's scores do not follow its merge order, the
+    file's order does (transformers' gemma_tokenizer; the file lists no merges)."""
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is not None:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        merges = sentencepiece_merges(tokens, [-i for i in range(len(tokens))])
+    unk = _token(fields, tokens, "tokenizer.ggml.unknown_token_id") or "<unk>"
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True,
+                               byte_fallback=True, unk_token=unk if unk in tokens else None))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
 

@@ -128,6 +128,24 @@ def geglu_backward(da, gate_up):
     return np.concatenate([gelu_tanh_backward(da * up, cache), da * g], axis=-1)
 
 
+def softcap(x, cap):
+    """Logit soft-capping in place: x -> cap * tanh(x / cap) (Gemma 2's final_logit_softcapping,
+    transformers' Gemma2ForCausalLM). -> tanh(x / cap), the backward's input, or None for cap None
+    (x unchanged)."""
+    if cap is None:
+        return None
+    th = np.tanh(x / x.dtype.type(cap))
+    np.multiply(th, x.dtype.type(cap), out=x)
+    return th
+
+
+def softcap_backward(dy, th):
+    """softcap's backward, in place: dy *= 1 - tanh^2 (nothing for th None). -> dy."""
+    if th is not None:
+        dy *= 1 - th * th
+    return dy
+
+
 swiglu = ops.swiglu_forward  # gate_up [N, 2F] = [gate | up] -> silu(gate) * up [N, F]
 swiglu_backward = ops.swiglu_backward  # da [N, F], gate_up -> d gate_up [N, 2F]
 

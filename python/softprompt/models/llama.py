@@ -57,42 +57,68 @@ class Llama(Transformer):
         c = self.config
         return c.max_position_embeddings if c.rope_scaling.rope_type == "dynamic" else None
 
+    # Hooks the siblings fill in (one block for the family; each hook is the identity here):
+    def rope(self, i, ctx):  # layer i's rotary tables cos, sin [N, D/2] (Gemma 3: local or global)
+        return ctx.rope.cos, ctx.rope.sin
+
+    def qk_norm(self, i, qkv):  # qkv [N, (H + 2 Hkv) D] -> the same, and a cache (Qwen3, Gemma 3)
+        return qkv, None
+
+    def qk_norm_backward(self, i, dqkv, cache):
+        return dqkv
+
+    def post_norm(self, i, name, y):
+        """A branch's output y [N, C] -> itself, or RMSNorm(y) where the layer has weight `name`
+        (Gemma 2/3's post_attention_layernorm, post_feedforward_layernorm); and its cache."""
+        w = self.layers[i].get(name)
+        if w is None:
+            return y, None
+        out, rstd = nn.rmsnorm(y, w, self.config.norm_eps)
+        return out, (y, rstd)
+
+    def post_norm_backward(self, i, name, dy, cache):
+        return dy if cache is None else nn.rmsnorm_backward(dy, cache[0], cache[1], self.layers[i][name])
+
     def block_forward(self, i, h, ctx):
         c, w = self.config, self.layers[i]
         B, L, C = h.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = ctx.rope.cos, ctx.rope.sin
+        cos, sin = self.rope(i, ctx)
         h = h.reshape(B * L, C)  # every row-wise layer works on [N = B*L, C]
         x, rstd1 = nn.rmsnorm(h, w["attn_norm"], c.norm_eps)
-        q, k, v = nn.rope_split(nn.linear(x, w["qkv"], w.get("qkv_bias")), cos, sin, H, Hkv, D)
+        qkv, qk_cache = self.qk_norm(i, nn.linear(x, w["qkv"], w.get("qkv_bias")))  # [N, (H + 2 Hkv) D]
+        q, k, v = nn.rope_split(qkv, cos, sin, H, Hkv, D)
         att, lse = self.attention(i, q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D), ctx)
-        h_mid = nn.linear(att.reshape(B * L, H * D), w["o"], w.get("o_bias"))
+        h_mid, post1 = self.post_norm(i, "post_attn_norm", nn.linear(att.reshape(B * L, H * D), w["o"], w.get("o_bias")))
         h_mid += h
         x2, rstd2 = nn.rmsnorm(h_mid, w["mlp_norm"], c.norm_eps)
         gate_up = nn.linear(x2, w["gate_up"], w.get("gate_up_bias"))  # [N, 2F]
-        out = nn.linear(self.activation(gate_up), w["down"], w.get("down_bias"))
+        out, post2 = self.post_norm(i, "post_mlp_norm", nn.linear(self.activation(gate_up), w["down"],
+                                                                  w.get("down_bias")))
         out += h_mid
         # The cache holds what the backward reads and nothing it can rebuild cheaply: the normed
         # inputs x, x2 and the SwiGLU output are not kept.
-        return out.reshape(B, L, C), (h, rstd1, q, k, v, att, lse, h_mid, rstd2, gate_up)
+        return out.reshape(B, L, C), (h, rstd1, qk_cache, q, k, v, att, lse, post1, h_mid, rstd2, gate_up, post2)
 
     def block_backward(self, i, dh, cache, ctx):
         c, w = self.config, self.layers[i]
-        h, rstd1, q, k, v, att, lse, h_mid, rstd2, gate_up = cache
+        h, rstd1, qk_cache, q, k, v, att, lse, post1, h_mid, rstd2, gate_up, post2 = cache
         B, L, C = dh.shape
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
-        cos, sin = ctx.rope.cos, ctx.rope.sin
+        cos, sin = self.rope(i, ctx)
         dh = dh.reshape(B * L, C)
         # MLP (residual: dh flows through unchanged and gets the branch's gradient added)
-        dgate_up = self.activation_backward(nn.linear_backward(dh, w["down"]), gate_up)
+        dmlp = self.post_norm_backward(i, "post_mlp_norm", dh, post2)
+        dgate_up = self.activation_backward(nn.linear_backward(dmlp, w["down"]), gate_up)
         dh_mid = nn.rmsnorm_backward(nn.linear_backward(dgate_up, w["gate_up"]), h_mid, rstd2, w["mlp_norm"],
                                      residual=dh)
         # attention
-        datt = nn.linear_backward(dh_mid, w["o"]).reshape(B, L, H, D)
+        datt = nn.linear_backward(self.post_norm_backward(i, "post_attn_norm", dh_mid, post1), w["o"])
         dq, dk, dv, dpk, dpv = self.attention_backward(
-            i, datt, q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D), att, lse, ctx)
+            i, datt.reshape(B, L, H, D), q.reshape(B, L, H, D), k.reshape(B, L, Hkv, D), v.reshape(B, L, Hkv, D),
+            att, lse, ctx)
         dqkv = nn.rope_merge(dq.reshape(B * L, H, D), dk.reshape(B * L, Hkv, D), dv.reshape(B * L, Hkv, D), cos, sin)
-        dx = nn.linear_backward(dqkv, w["qkv"])
+        dx = nn.linear_backward(self.qk_norm_backward(i, dqkv, qk_cache), w["qkv"])
         return nn.rmsnorm_backward(dx, h, rstd1, w["attn_norm"], residual=dh_mid).reshape(B, L, C), dpk, dpv
 
     def final_forward(self, h):

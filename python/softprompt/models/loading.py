@@ -299,8 +299,12 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
     model_type = cfg.get("model_type", "")
     tensors = _read_safetensors(folder)
     tokenizer = _tokenizer_from_folder(folder)
-    if model_type in ("llama", "qwen2", "mistral", "qwen3", "gemma"):
+    if model_type in _LLAMA_FAMILY:
         return _llama_from_hf(cfg, tensors, dtype, tokenizer, str(folder), keep_16bit)
+    if model_type == "gemma3":
+        raise ValueError("source: model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration), "
+                         "which is not supported; its text-only checkpoints (model_type 'gemma3_text': Gemma-3-270M, "
+                         "Gemma-3-1B) are")
     if model_type == "gpt2":
         from .gpt2 import gpt2_from_hf
 
@@ -310,58 +314,88 @@ def _model_from_folder(folder, cfg, dtype, keep_16bit=True):
         from .bert import bert_from_hf
 
         return bert_from_hf(cfg, _Weights(_strip_prefixes(tensors, ("bert.",)), dtype, str(folder)), tokenizer, str(folder))
-    raise ValueError(f"source: model_type {model_type!r} is not supported (llama, qwen2, qwen3, mistral, gemma, gpt2, bert)")
+    raise ValueError(f"source: model_type {model_type!r} is not supported ({', '.join(_LLAMA_FAMILY)}, gpt2, bert)")
+
+
+# The model types the Llama block runs (llama.py and its siblings' files)
+_LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 
 def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
     from .gemma import Gemma
+    from .gemma2 import Gemma2
+    from .gemma3 import Gemma3
     from .llama import Llama
     from .qwen3 import Qwen3
 
     w = _Weights(_strip_prefixes(tensors, ("model.",)), dtype, source, keep_16bit)
-    heads = cfg["num_attention_heads"]
-    gemma = cfg["model_type"] == "gemma"
-    act = cfg.get("hidden_act", "gelu_pytorch_tanh" if gemma else "silu")
-    if gemma:  # GemmaConfig reads "gelu" as the tanh approximation (its official files say "gelu")
-        if act not in ("gelu_pytorch_tanh", "gelu", "gelu_new"):
-            raise ValueError(f"config.json: hidden_act {act!r} is not supported for gemma (gelu_pytorch_tanh: GeGLU)")
-        if cfg.get("use_bidirectional_attention"):
-            raise ValueError("config.json: use_bidirectional_attention true is not supported (Gemma as a causal LM)")
-    elif act not in ("silu", "swish"):
-        raise ValueError(f"config.json: hidden_act {act!r} is not supported for {cfg['model_type']} (silu: SwiGLU)")
+    kind, heads = cfg["model_type"], cfg["num_attention_heads"]
+    gemma, gemma2 = kind.startswith("gemma"), kind in ("gemma2", "gemma3_text")  # gemma2: Gemma 2 or 3
+    if gemma:
+        _check_gemma_fields(cfg)
+    else:
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"config.json: hidden_act {act!r} is not supported for {kind} (silu: SwiGLU)")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    extra = {}
+    if gemma2:
+        scalar = cfg.get("query_pre_attn_scalar", 256)
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
+            raise ValueError(f"config.json: query_pre_attn_scalar {scalar!r} is not a positive number")
+        if kind == "gemma3_text" and cfg.get("attn_logit_softcapping") is not None:
+            # Gemma3TextConfig keeps the field, but transformers' Gemma3Attention never passes it
+            # to the attention: the reference ignores it, so neither answer would be the model's.
+            raise ValueError("config.json: attn_logit_softcapping is set for gemma3_text, but transformers' Gemma 3 "
+                             "attention does not apply it (Gemma 3 normalizes q and k instead); set it to null")
+        extra = dict(attention_scale=float(scalar) ** -0.5,
+                     attn_logit_softcapping=_softcap_field(cfg, "attn_logit_softcapping", 50.0 if kind == "gemma2" else None),
+                     final_logit_softcapping=_softcap_field(cfg, "final_logit_softcapping",
+                                                            30.0 if kind == "gemma2" else None))
+    if kind == "gemma3_text":
+        (theta, scaling), (local_theta, local_scaling) = _gemma3_rope_from_hf(cfg)
+        extra.update(rope_local_theta=local_theta, rope_local_scaling=local_scaling)
+    else:
+        theta, scaling = _rope_theta(cfg), _rope_scaling_from_hf(cfg)
     config = ModelConfig(
         arch="llama",
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads", heads),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        head_dim=head_dim,
         hidden_size=cfg["hidden_size"],
         vocab_size=cfg["vocab_size"],
         intermediate_size=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(cfg),
-        rope_scaling=_rope_scaling_from_hf(cfg),
+        rope_theta=theta,
+        rope_scaling=scaling,
         **_sliding_window_from_hf(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
-        attention_bias=cfg.get("attention_bias", cfg["model_type"] == "qwen2"),
-        model_type=cfg["model_type"],
+        attention_bias=cfg.get("attention_bias", kind == "qwen2"),
+        model_type=kind,
         name_or_path=cfg.get("_name_or_path") or source,
+        **extra,
     )
+    # Gemma 2/3 norm both sides of each branch; transformers' post_attention_layernorm is then the
+    # attention's post-norm, and the MLP's pre-norm is pre_feedforward_layernorm.
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if gemma2:
+        norms = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
     layers = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        layer = {
-            "attn_norm": w(p + "input_layernorm.weight"),
+        layer = {name: w(p + key + ".weight") for name, key in norms.items()}
+        layer.update({
             "q": w.matrix(p + "self_attn.q_proj.weight"),
             "k": w.matrix(p + "self_attn.k_proj.weight"),
             "v": w.matrix(p + "self_attn.v_proj.weight"),
             "o": w.matrix(p + "self_attn.o_proj.weight"),
-            "mlp_norm": w(p + "post_attention_layernorm.weight"),
             "gate": w.matrix(p + "mlp.gate_proj.weight"),
             "up": w.matrix(p + "mlp.up_proj.weight"),
             "down": w.matrix(p + "mlp.down_proj.weight"),
-        }
+        })
         # attention_bias (q/k/v and o), Qwen2's q/k/v biases, mlp_bias (gate/up/down): whatever the
         # checkpoint holds is used; a bias it lacks is zero, as in a layer built without one.
         for name, key in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
@@ -370,7 +404,7 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
             bias = w(p + key + ".bias", optional=True)
             if bias is not None:
                 layer[name + "_bias"] = bias
-        if cfg["model_type"] == "qwen3":  # per-head RMSNorm of q and k before RoPE
+        if kind in ("qwen3", "gemma3_text"):  # per-head RMSNorm of q and k before RoPE
             layer["q_norm"], layer["k_norm"] = w(p + "self_attn.q_norm.weight"), w(p + "self_attn.k_norm.weight")
         layers.append(layer)
     embed, lm_head = w.matrix("embed_tokens.weight"), None
@@ -382,10 +416,58 @@ def _llama_from_hf(cfg, tensors, dtype, tokenizer, source, keep_16bit=True):
     if gemma:  # Gemma's RMSNorm scales by (1 + w): stored as such, in float32 as transformers computes it
         final_norm = _one_plus(final_norm)
         for layer in layers:
-            for name in ("attn_norm", "mlp_norm"):
-                layer[name] = _one_plus(layer[name])
-    cls = {"qwen3": Qwen3, "gemma": Gemma}.get(cfg["model_type"], Llama)
+            for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"):
+                if name in layer:
+                    layer[name] = _one_plus(layer[name])
+    cls = {"qwen3": Qwen3, "gemma": Gemma, "gemma2": Gemma2, "gemma3_text": Gemma3}.get(kind, Llama)
     return cls(config, embed, layers, final_norm, lm_head, tokenizer)
+
+
+def _check_gemma_fields(cfg):
+    """The activation and attention fields every Gemma reads: GeGLU with the tanh GELU, causal."""
+    kind = cfg["model_type"]
+    # Gemma 1 reads hidden_act (GemmaConfig turns the legacy "gelu" of its official files into the
+    # tanh approximation); Gemma 2 and 3 read hidden_activation, where "gelu" is the exact GELU.
+    field = "hidden_act" if kind == "gemma" else "hidden_activation"
+    act = cfg.get(field) or "gelu_pytorch_tanh"
+    tanh_gelus = ("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if kind == "gemma" else ())
+    if act not in tanh_gelus:
+        raise ValueError(f"config.json: {field} {act!r} is not supported for {kind} (supported: {', '.join(tanh_gelus)}: "
+                         "GeGLU with the tanh GELU)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("config.json: use_bidirectional_attention true is not supported (Gemma as a causal LM)")
+
+
+def _softcap_field(cfg, name, default):
+    value = cfg.get(name, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"config.json: {name} {value!r} is not a positive number or null")
+    return None if value is None else float(value)
+
+
+def _gemma3_rope_from_hf(cfg):
+    """-> ((theta, RopeScaling) of the global layers, (theta, RopeScaling) of the local ones), from
+    transformers 5's rope_parameters {"full_attention": {...}, "sliding_attention": {...}} or the
+    Hub's rope_theta, rope_scaling (the global layers') and rope_local_base_freq (transformers'
+    Gemma3TextConfig.convert_rope_params_to_dict; defaults 1e6 and 1e4)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and set(params) <= {"full_attention", "sliding_attention"} and params:
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(cfg.get("rope_scaling") or params or {})
+        local = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+        full.setdefault("rope_theta", cfg.get("rope_theta", 1000000.0))
+    full.setdefault("rope_theta", 1000000.0)
+    local.setdefault("rope_theta", 10000.0)
+    out = []
+    for name, params in (("full_attention", full), ("sliding_attention", local)):
+        sub = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+        sub["rope_parameters"] = params
+        try:
+            out.append((_rope_theta(sub), _rope_scaling_from_hf(sub)))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("rope_parameters", f"rope_parameters[{name!r}]")) from None
+    return out
 
 
 def _one_plus(w):
@@ -400,6 +482,16 @@ def _sliding_window_from_hf(cfg):
     window, types = None, cfg.get("layer_types")
     if kind == "mistral":
         window = cfg.get("sliding_window")
+    elif kind in ("gemma2", "gemma3_text"):  # transformers' defaults: every 2nd / 5 of every 6 layers slide
+        window = cfg.get("sliding_window", 4096)
+        if window is None:  # transformers' sliding layers then fail (its cache needs a size)
+            raise ValueError(f"config.json: sliding_window null is not supported for {kind} (its sliding layers need "
+                             "a window size)")
+        if types is None:
+            pattern = 2 if kind == "gemma2" else cfg.get("sliding_window_pattern", 6)
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+                raise ValueError(f"config.json: sliding_window_pattern {pattern!r} is not a positive integer")
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     elif kind in ("qwen2", "qwen3"):
         window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
         if types is None:
@@ -516,6 +608,13 @@ _GGUF_KEYS = {
     "llama": _LLAMA_KEYS,
     "qwen2": _LLAMA_KEYS,
     "qwen3": _LLAMA_KEYS,  # and per-head q/k norms (attn_q_norm, attn_k_norm)
+    # llama.cpp's Gemma converters store every norm as 1 + w and leave Q/K unpermuted (NEOX RoPE).
+    # attention.scale: the score factor, where a file states it (else llama.cpp's rule, _gemma_scale).
+    "gemma": _LLAMA_KEYS - {"rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length"},
+    "gemma2": _LLAMA_KEYS | {"attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window",
+                             "attention.scale"},
+    "gemma3": _LLAMA_KEYS | {"attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window",
+                             "attention.sliding_window_pattern", "attention.scale", "rope.freq_base_swa"},
     "gpt2": {"block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
              "attention.layer_norm_epsilon", "vocab_size"},
     # pooling_type is how llama.cpp pools its embedding output: no effect on the hidden states.
@@ -673,6 +772,7 @@ def _llama_from_gguf(f: GGUFFile):
             raise ValueError(f"{path}: blk.0.{name}.weight has {rows} rows, but {arch}.attention.key_length (the head "
                              f"size) {head_dim} x {n} heads = {n * head_dim}")
     has_output = f.has("output.weight")
+    gemma = _gemma_fields_from_gguf(f, heads, hidden, head_dim) if arch.startswith("gemma") else {}
     config = ModelConfig(
         arch="llama",
         num_layers=int(f.field(".block_count")),
@@ -688,6 +788,7 @@ def _llama_from_gguf(f: GGUFFile):
         max_position_embeddings=int(f.field(".context_length", 2048)),
         tie_word_embeddings=not has_output,
         attention_bias=arch != "llama" and f.has("blk.0.attn_q.bias"),
+        **gemma,
         **f.config_fields(),
     )
     embed = f.get("token_embd.weight", keep=True)  # gathered rows are dequantized (QuantizedWeight[ids])
@@ -695,6 +796,7 @@ def _llama_from_gguf(f: GGUFFile):
     # llama.cpp's llama converter permutes Q/K rows for interleaved RoPE; its qwen2/qwen3 ones do not.
     unpermute = _unpermute if arch == "llama" else (lambda w, n: w)
     layers = []
+    two_sided = arch in ("gemma2", "gemma3")  # norms after each branch too
     for i in range(config.num_layers):
         p = f"blk.{i}."
         layers.append({
@@ -712,12 +814,63 @@ def _llama_from_gguf(f: GGUFFile):
             bias = f.get(p + f"attn_{name}.bias", optional=True)
             if bias is not None:
                 layers[-1][name + "_bias"] = bias
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             layers[-1]["q_norm"], layers[-1]["k_norm"] = f.get(p + "attn_q_norm.weight"), f.get(p + "attn_k_norm.weight")
+        if two_sided:
+            layers[-1]["post_attn_norm"] = f.get(p + "post_attention_norm.weight")
+            layers[-1]["post_mlp_norm"] = f.get(p + "post_ffw_norm.weight")
+    from .gemma import Gemma
+    from .gemma2 import Gemma2
+    from .gemma3 import Gemma3
     from .qwen3 import Qwen3
 
-    cls = Qwen3 if arch == "qwen3" else Llama
+    cls = {"qwen3": Qwen3, "gemma": Gemma, "gemma2": Gemma2, "gemma3": Gemma3}.get(arch, Llama)
     return cls(config, embed, layers, f.get("output_norm.weight"), output, f.tokenizer)
+
+
+# llama.cpp's rule for the Gemma 2/3 score factor, which their GGUF files do not state: the 27B
+# models (46 and 62 layers) scale by (hidden / heads) ** -0.5 (their query_pre_attn_scalar), the
+# others by head_dim ** -0.5 (src/llama-model.cpp, LLM_ARCH_GEMMA2/GEMMA3).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_fields_from_gguf(f, heads, hidden, head_dim):
+    """The ModelConfig fields of a gemma, gemma2 or gemma3 GGUF beyond the Llama's: the score factor,
+    the soft-capping constants, the sliding windows (llama.cpp: every other layer from the first for
+    Gemma 2; Gemma 3 five of six, or attention.sliding_window_pattern) and Gemma 3's local RoPE
+    base (rope.freq_base_swa, default 10000 as llama.cpp's)."""
+    arch, layers = f.arch, int(f.field(".block_count"))
+    if arch == "gemma":
+        return {}
+    scale = f.field(".attention.scale")
+    if scale is None:
+        scale = (hidden // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim) ** -0.5
+    out = dict(attention_scale=float(scale),
+               attn_logit_softcapping=f.field(".attn_logit_softcapping"),
+               final_logit_softcapping=f.field(".final_logit_softcapping"))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if out[key] is not None:
+            out[key] = float(out[key])
+            if not out[key] > 0:
+                raise ValueError(f"{f.path}: {arch}.{key} {out[key]} is not a positive number")
+    if arch == "gemma3" and out["attn_logit_softcapping"] is not None:
+        raise ValueError(f"{f.path}: gemma3.attn_logit_softcapping is not supported (transformers' and llama.cpp's "
+                         "Gemma 3 attention do not apply it)")
+    window = f.field(".attention.sliding_window")
+    if window is None:
+        raise ValueError(f"{f.path}: {arch}.attention.sliding_window is missing (its sliding layers need a window)")
+    pattern = f.field(".attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, (list, tuple)):  # one flag per layer: True = sliding
+        if len(pattern) != layers:
+            raise ValueError(f"{f.path}: {arch}.attention.sliding_window_pattern has {len(pattern)} flags for "
+                             f"{layers} layers")
+        types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
+    else:
+        types = tuple("sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(layers))
+    out.update(sliding_window=int(window), layer_types=types)
+    if arch == "gemma3":
+        out.update(rope_local_theta=float(f.field(".rope.freq_base_swa", 10000.0)))
+    return out
 
 
 def _gguf_chat_template(reader):
