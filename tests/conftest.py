@@ -121,6 +121,7 @@ def make_tiny_task(folder, hidden_size=64, intermediate_size=128, arch="llama"):
     tok.decoder = decoders.WordPiece()
     torch.manual_seed(0)
     names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
              "gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
              "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}[arch]
     config_cls, model_cls = (getattr(transformers, n) for n in names)

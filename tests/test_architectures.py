@@ -64,7 +64,7 @@ def test_command_line_trains_each_architecture(arch, tmp_path, capsys):
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"] + ARCHS)  # llama and gpt2: tests/test_model_settings.py
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16_bit_folders_match_transformers(arch, dtype, tmp_path, rng):
     torch = pytest.importorskip("torch", reason="torch is a test extra: pip install '.[test]'")

@@ -69,3 +69,38 @@ def test_lm_loss_chunks_agree(monkeypatch, rng):
     np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="targets: expected token ids"):
         losses.lm_loss(model, hidden, np.full((3, 7), model.config.vocab_size), mask)
+
+
+def test_soft_capped_losses_match_their_plain_forms_and_finite_differences(rng):
+    """final_logit_softcapping (Gemma 2): the LM loss, the label-word logits and TokenLogProbs see
+    c tanh(logits / c), written out here directly; their gradients against float64 finite differences."""
+    import dataclasses
+
+    model = tiny_llama(rng).astype(np.float64)
+    model.config = dataclasses.replace(model.config, final_logit_softcapping=0.7)
+    hidden = 3 * rng.standard_normal((2, 5, model.config.hidden_size))  # logits past the cap
+    capped = 0.7 * np.tanh(hidden @ model.output_embeddings().T / 0.7)
+    logp = capped - capped.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    targets = rng.integers(0, model.config.vocab_size, (2, 5))
+    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]], dtype=bool)
+    np.testing.assert_allclose(model.lm_logits(hidden), capped, rtol=1e-12)
+    loss, d = losses.lm_loss(model, hidden, targets, mask)
+    assert loss == pytest.approx(-logp[mask, targets[mask]].mean(), rel=1e-10)
+    idx, numeric = numeric_sample(lambda: losses.lm_loss(model, hidden, targets, mask)[0], hidden, rng=rng)
+    np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
+    pos, labels, label_ids = np.array([4, 1]), np.array([1, 0]), np.array([5, 9])
+    loss, d, lg = losses.label_word_loss(model, hidden, pos, label_ids, labels)
+    np.testing.assert_allclose(lg, capped[[0, 1], pos][:, label_ids], rtol=1e-12)
+    idx, numeric = numeric_sample(lambda: losses.label_word_loss(model, hidden, pos, label_ids, labels)[0], hidden,
+                                  rng=rng)
+    np.testing.assert_allclose(d.reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="logits: label_word_logits' output is required"):
+        losses.label_word_logits_backward(model, np.ones((2, 2)), hidden.shape, pos, label_ids)
+    lp = losses.TokenLogProbs(model, hidden, targets, mask)
+    np.testing.assert_allclose(lp.values, np.where(mask, np.take_along_axis(logp, targets[..., None], -1)[..., 0], 0),
+                               rtol=1e-10, atol=1e-12)
+    weights = rng.standard_normal((2, 5))
+    idx, numeric = numeric_sample(lambda: float((losses.TokenLogProbs(model, hidden, targets, mask).values
+                                                 * weights).sum()), hidden, rng=rng)
+    np.testing.assert_allclose(lp.backward(weights).reshape(-1)[idx], numeric, rtol=1e-5, atol=1e-8)
