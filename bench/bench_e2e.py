@@ -1,6 +1,6 @@
 """End-to-end: one tuning step of SmolLM2-135M, softprompt vs PyTorch + PEFT, on the same GGUF file.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_e2e.py [--threads 2] [--steps 6] [--repeats 2]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_e2e.py [--threads 2] [--steps 6] [--repeats 2] [--busy]
 
 (unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE in this command only: they slow NumPy's BLAS here.)
 Every (side, method, loss) runs in its own subprocess, so each peak RSS is that side's alone.
@@ -205,6 +205,8 @@ def main():
     ap.add_argument("--methods", default="prompt,prefix")
     ap.add_argument("--losses", default="lm,label")
     ap.add_argument("--no-peft", action="store_true", help="softprompt only")
+    ap.add_argument("--busy", action="store_true", help="a machine that is not idle: a spin loop pinned to CPU 1 "
+                    "while every step runs (both sides); writes bench/results/e2e_busy.json")
     ap.add_argument("--weights", choices=["quantized", "float"], default="quantized",
                     help="ours: keep the GGUF's Q4_1 layers quantized (default) or expand them to float32")
     ap.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
@@ -217,7 +219,7 @@ def main():
         return child(args)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_ops import machine
+    from bench_ops import busy_core, machine
 
     peft = have_peft() and not args.no_peft
     rows = []
@@ -230,7 +232,7 @@ def main():
             # The sides alternate (ours, PEFT, ours, PEFT, ...) and their steps are pooled, so a slow
             # minute of a shared machine does not land on one side only.
             runs = {"ours": [], "peft": []}
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, busy_core(enabled=args.busy):
                 for _ in range(args.repeats):
                     runs["ours"].append(spawn("ours", method, loss, args, tmp))
                     if peft:
@@ -254,11 +256,12 @@ def main():
                       f"throughput {r['eval_throughput']:.2f}x, |loss0 diff| {r['loss0_diff']:.1e}")
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": machine(), "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "batch": [BATCH, LENGTH], "P": P, "rows": rows,
+    out = {"machine": machine(), "busy": args.busy, "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "batch": [BATCH, LENGTH], "P": P, "rows": rows,
            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
-    tmp = RESULTS / "e2e.json.tmp"
+    name = "e2e_busy.json" if args.busy else "e2e.json"
+    tmp = RESULTS / (name + ".tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, RESULTS / "e2e.json")
+    os.replace(tmp, RESULTS / name)
 
 
 if __name__ == "__main__":

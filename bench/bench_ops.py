@@ -16,10 +16,12 @@ in its native [B, H, T, D] layout; a bool mask keeps the prefix visible when cau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,23 @@ def machine():
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__}
+
+
+@contextlib.contextmanager
+def busy_core(cpu=1, enabled=True):
+    """A machine that is not idle: a Python spin loop pinned to `cpu` (another process, as a
+    browser or a compile would be) for the duration of the block, then stopped."""
+    if not enabled:
+        yield
+        return
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.3)  # let it start spinning
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def median_seconds(fn, min_time=0.4, min_reps=5, max_reps=200):
@@ -114,6 +133,145 @@ def torch_runner(torch, inputs, causal, backward):
         F.scaled_dot_product_attention(q, kf, vf, attn_mask=mask).backward(gout)
 
     return run
+
+
+# --------------------------------------------------------------------------- the sweep
+def sweep_draws(n, seed=0):
+    """n seeded random attention problems (B, H, Hkv, T, D, P, causal, window, softcap) over the
+    ranges of the issue: B 1..16, H 4..32 with and without GQA, T 32..512 (any value, not only
+    multiples of the kernels' blocks), D in {48, 64, 80, 96, 128, 256}, P 0..64, a sliding window and
+    soft-capping on some draws; a draw whose fwd+bwd work passes 6 GFLOP is drawn again (time)."""
+    rng = np.random.default_rng(seed)
+    draws = []
+    while len(draws) < n:
+        H = int(rng.choice([4, 6, 8, 12, 16, 24, 32]))
+        Hkv = H if rng.random() < 0.5 else int(rng.choice([d for d in (1, 2, 4, 8) if H % d == 0 and d < H]))
+        B, T, D, P = int(rng.integers(1, 17)), int(rng.integers(32, 513)), int(rng.choice([48, 64, 80, 96, 128, 256])), \
+            int(rng.integers(0, 65))
+        causal = bool(rng.random() < 0.5)
+        window = int(rng.integers(8, T + 1)) if causal and rng.random() < 0.3 else None
+        softcap = float(rng.uniform(5, 50)) if rng.random() < 0.3 else None
+        if attention_flops(B, H, T, D, P, causal, True) > 6e9:
+            continue
+        draws.append((B, H, Hkv, T, D, P, causal, window, softcap))
+    return draws
+
+
+CORNERS = [  # known hard cases: tiny T, T one past a block, one head, D = 256, long prefix, window 1
+    (1, 4, 4, 33, 48, 0, False, None, None), (2, 16, 16, 256, 64, 40, False, None, None),
+    (6, 8, 8, 96, 64, 16, True, None, None), (1, 32, 8, 65, 256, 64, True, None, 30.0),
+    (16, 4, 1, 129, 80, 1, True, 8, None), (4, 8, 2, 512, 96, 64, True, 128, 50.0),
+]
+
+
+def sweep_runners(torch, draw, rng):
+    """(ours, torch) fwd+bwd callables for one draw. torch: SDPA (enable_gqa) over the
+    concatenated [prefix | input] keys with a bool mask for causal/window; with soft-capping SDPA
+    has no cap, so the eager form transformers runs for Gemma 2 (scores, tanh cap, mask, softmax)."""
+    B, H, Hkv, T, D, P, causal, window, softcap = draw
+    q = rng.standard_normal((B, T, H, D), dtype=np.float32)
+    k, v = (rng.standard_normal((B, T, Hkv, D), dtype=np.float32) for _ in range(2))
+    pk, pv = (rng.standard_normal((P, Hkv, D), dtype=np.float32) for _ in range(2))
+    dout = rng.standard_normal(q.shape, dtype=np.float32)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+
+    def run_ours():
+        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, **kw)
+        ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, **kw)
+
+    F = torch.nn.functional
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.swapaxes(1, 2))).requires_grad_(True) for a in (q, k, v))
+    tpk, tpv = (torch.from_numpy(np.ascontiguousarray(a.swapaxes(0, 1))).requires_grad_(True) for a in (pk, pv))
+    gout = torch.from_numpy(np.ascontiguousarray(dout.swapaxes(1, 2)))
+    x = P + torch.arange(T)[:, None]  # positions: query i at P + i, key y at y (ops' convention)
+    y = torch.arange(P + T)[None, :]
+    visible = torch.ones(T, P + T, dtype=torch.bool)
+    if causal:
+        visible &= y <= x
+    if window:
+        visible &= x - y < window
+    mask = None if visible.all() else visible
+    group = H // Hkv
+
+    def run_torch():
+        for t in (tq, tk, tv, tpk, tpv):
+            t.grad = None
+        kf = torch.cat([tpk.expand(B, Hkv, P, D), tk], dim=2)
+        vf = torch.cat([tpv.expand(B, Hkv, P, D), tv], dim=2)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(tq, kf, vf, attn_mask=mask, enable_gqa=group > 1)
+        else:
+            if group > 1:
+                kf, vf = kf.repeat_interleave(group, 1), vf.repeat_interleave(group, 1)
+            s = torch.tanh((tq @ kf.transpose(-1, -2)) * (D ** -0.5 / softcap)) * softcap
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(s, -1) @ vf
+        out.backward(gout)
+
+    return run_ours, run_torch
+
+
+def bench_sweep(torch, n, threads):
+    """The worst and best ratio (torch time / ours, fwd+bwd) over the draws and the corner cases."""
+    rng = np.random.default_rng(1)
+    rows = []
+    print(f"\nattention sweep: {n} seeded draws + {len(CORNERS)} corner cases, fwd+bwd, {threads} threads")
+    print(f"{'(B, H, Hkv, T, D, P)':>28} {'causal':>6} {'window':>6} {'softcap':>7}  {'ours ms':>8}  {'torch ms':>8}  x torch")
+    for kind, draw in [("draw", d) for d in sweep_draws(n)] + [("corner", d) for d in CORNERS]:
+        run_ours, run_torch = sweep_runners(torch, draw, rng)
+        t_torch, t_ours = [], []
+        for _ in range(3):  # alternate, so a noisy moment hits both sides
+            t_ours.append(median_seconds(run_ours, min_time=0.15, min_reps=3))
+            t_torch.append(median_seconds(run_torch, min_time=0.15, min_reps=3))
+        ours_ms, torch_ms = min(t_ours) * 1e3, min(t_torch) * 1e3
+        B, H, Hkv, T, D, P, causal, window, softcap = draw
+        row = {"kind": kind, "shape": [B, H, Hkv, T, D, P], "causal": causal, "window": window, "softcap": softcap,
+               "threads": threads, "ours_ms": ours_ms, "torch_ms": torch_ms, "vs_torch": torch_ms / ours_ms}
+        rows.append(row)
+        print(f"{str((B, H, Hkv, T, D, P)):>28} {str(causal):>6} {str(window):>6} "
+              f"{'-' if softcap is None else f'{softcap:.0f}':>7}  {ours_ms:8.2f}  {torch_ms:8.2f}  {row['vs_torch']:7.2f}",
+              flush=True)
+    for causal in (False, True):
+        sel = [r for r in rows if r["causal"] == causal]
+        worst, best = min(sel, key=lambda r: r["vs_torch"]), max(sel, key=lambda r: r["vs_torch"])
+        print(f"{'causal' if causal else 'non-causal'}: worst {worst['vs_torch']:.2f}x at {worst['shape']} "
+              f"(window {worst['window']}, softcap {worst['softcap']}), best {best['vs_torch']:.2f}x, "
+              f"median {statistics.median(r['vs_torch'] for r in sel):.2f}x over {len(sel)}")
+    return rows
+
+
+def bench_busy(torch, threads):
+    """fwd+bwd of the bench's shapes, quiet and with another process spinning on CPU 1, for both
+    sides: the slowdown (busy / quiet) and the ratio to torch under the same load."""
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"\nbusy machine: fwd+bwd, {threads} threads, a spin loop pinned to CPU 1 in 'busy'")
+    print(f"{'(B, H, T, D, P)':>22} {'causal':>6}  {'ours quiet':>10} {'ours busy':>9} {'x quiet':>7}  "
+          f"{'torch quiet':>11} {'torch busy':>10}  busy x torch")
+    for shape in SHAPES:
+        inputs = numpy_inputs(*shape, rng)
+        for causal in (False, True):
+            runners = {"ours": ours("cpp", inputs, causal, True), "torch": torch_runner(torch, inputs, causal, True)}
+            t = {}
+            for load in ("quiet", "busy", "quiet", "busy"):  # alternating; the best of two each
+                with busy_core(enabled=load == "busy"):
+                    for side, fn in runners.items():
+                        sec = median_seconds(fn, min_time=0.3)
+                        t[(side, load)] = min(sec, t.get((side, load), sec))
+            row = {"shape": shape, "causal": causal, "threads": threads,
+                   **{f"{side}_{load}_ms": v * 1e3 for (side, load), v in t.items()}}
+            row["ours_slowdown"] = t[("ours", "busy")] / t[("ours", "quiet")]
+            row["torch_slowdown"] = t[("torch", "busy")] / t[("torch", "quiet")]
+            row["busy_vs_torch"] = t[("torch", "busy")] / t[("ours", "busy")]
+            rows.append(row)
+            print(f"{str(shape):>22} {str(causal):>6}  {row['ours_quiet_ms']:10.2f} {row['ours_busy_ms']:9.2f} "
+                  f"{row['ours_slowdown']:7.2f}  {row['torch_quiet_ms']:11.2f} {row['torch_busy_ms']:10.2f}  "
+                  f"{row['busy_vs_torch']:7.2f}", flush=True)
+    print(f"worst slowdown {max(r['ours_slowdown'] for r in rows):.2f}x (torch: "
+          f"{max(r['torch_slowdown'] for r in rows):.2f}x); worst busy ratio to torch "
+          f"{min(r['busy_vs_torch'] for r in rows):.2f}x")
+    return rows
 
 
 # --------------------------------------------------------------------------- runs
@@ -259,6 +417,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     parser.add_argument("--out", default=str(RESULTS / "ops.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw the chart from --out's JSON")
+    parser.add_argument("--busy", action="store_true",
+                        help="the attention shapes quiet and with a spin loop pinned to CPU 1 (another process), "
+                             "alternating, both sides; writes bench/results/ops_busy.json")
+    parser.add_argument("--sweep", type=int, default=0, metavar="N",
+                        help="only the attention sweep: N seeded random shapes and the corner cases against torch, "
+                             "fwd+bwd, at the last --threads; writes bench/results/ops_sweep.json")
     args = parser.parse_args(argv)
     if args.replot:
         rows = json.loads(Path(args.out).read_text())["attention"]
@@ -281,6 +445,25 @@ def main(argv=None):
                         "attention_kernel": softprompt.ops.get_attention_kernel(),
                         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
     print(json.dumps(info))
+    if args.busy:
+        if torch is None:
+            print("the busy-machine table compares with torch: pip install torch==2.13.0")
+            return 1
+        set_threads(thread_counts[-1], torch)
+        rows = bench_busy(torch, thread_counts[-1])
+        write_json(RESULTS / "ops_busy.json", {"machine": info, "busy": rows})
+        print(f"wrote {RESULTS / 'ops_busy.json'}")
+        return 0
+    if args.sweep:
+        if torch is None:
+            print("the sweep compares with torch: pip install torch==2.13.0")
+            return 1
+        set_threads(thread_counts[-1], torch)
+        rows = bench_sweep(torch, args.sweep, thread_counts[-1])
+        out = Path(args.out).with_name("ops_sweep.json") if args.out == str(RESULTS / "ops.json") else Path(args.out)
+        write_json(out, {"machine": info, "sweep": rows})
+        print(f"wrote {out}")
+        return 0
     print_attention_header(torch is not None)
     attention = []
     for n in thread_counts:

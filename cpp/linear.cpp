@@ -5,6 +5,7 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 #ifdef _OPENMP
@@ -67,18 +68,16 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
   const int64_t chunks = even ? 1 : std::min<int64_t>(nt, row_tiles);
   const int64_t chunk_rows = (row_tiles + chunks - 1) / chunks * simd::kTileRows;
   const int64_t items = chunks * panels;
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt)
   {
     thread_local std::vector<float> panel, scratch, edge;  // bounded: <= 768 KB, 768 KB, 64 KB
     panel.resize(size_t(std::min(K, kMaxDepth) * kPanel));
     edge.resize(size_t(kEdgeRows * kPanel));
     int64_t packed_panel = -1, packed_depth = -1;
-    int64_t begin = 0, end = items;
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    begin = items * t / T, end = items * (t + 1) / T;
-#endif
-    for (int64_t item = begin; item < end; ++item) {
+    // Items from a shared counter, not a fixed share per thread: a thread slowed by another
+    // process on its core takes fewer (the result does not depend on who computes an item).
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t p = item % panels, m0 = item / panels * chunk_rows;
       const int64_t rows = std::min(M, m0 + chunk_rows) - m0;
       if (rows <= 0) continue;
