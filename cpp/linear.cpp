@@ -1,5 +1,5 @@
 // Frozen linear layers as one GEMM each: C[M, N] = A[M, K] B[K, N] with B packed, 64 columns at a
-// time, into a [min(K, 3072), 64] panel per thread (forward: B = W^T, backward: B = W), dequantized on the
+// time, into a [min(K, 1024), 64] panel per thread (forward: B = W^T, backward: B = W), dequantized on the
 // way when W is quantized. The micro-kernel and the tile loop are simd.h's; the panel stays in L2
 // while every row of A passes over it.
 #include "linear.h"
@@ -19,8 +19,10 @@ namespace softprompt {
 namespace {
 
 constexpr int64_t kPanel = 64;        // B columns per panel (a multiple of 32: whole quantized blocks)
-constexpr int64_t kMaxDepth = 3072;   // rows of B per packed block: 768 KB stay in L2 (the LM head's
-                                      // backward has K = the vocabulary); a multiple of 32
+constexpr int64_t kMaxDepth = 1024;   // rows of B per packed block: 256 KB stay in L2 while row tiles of
+                                      // A (6 x 1024 floats, in L1) pass over it; a multiple of 256
+                                      // (on 2 AMD EPYC cores the best of 512, 1024, 3072, or within
+                                      // noise of it, on SmolLM2's and Llama-3.2-1B's GEMM shapes)
 constexpr int64_t kEdgeRows = 256;    // rows per pass over a ragged last panel
 
 // dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
@@ -46,6 +48,17 @@ void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t k
     dequantize_row(w, k0 + k, n0, width, d);
     std::fill(d + width, d + kPanel, 0.0f);
   }
+}
+
+// c[rows, 64] (=, or += with accumulate) a[rows, kc] (row stride lda) panel[kc, 64]: row tiles outer,
+// the panel's column tiles inner, so a tile's rows of A stay in L1 while the panel (in L2) passes
+// under them (columns outer would stream all of A from L3 once per column tile).
+void panel_product(int64_t rows, int64_t kc, const float* a, int64_t lda, const float* panel, float* c,
+                   int64_t ldc, bool accumulate) {
+  constexpr int64_t R = simd::kTileRows, L = simd::kLanes<float>;
+  for (int64_t m = 0; m < rows; m += R)
+    simd::matmul<float>(std::min(R, rows - m), kPanel / L, kc, a + m * lda, lda, 1, panel, kPanel, c + m * ldc, ldc,
+                        accumulate);
 }
 
 // C[M, N] = A[M, K] B[K, N] (+ bias [N]); pack(n0, width, k0, kc, dst, scratch) fills a [kc, 64]
@@ -94,8 +107,7 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
             pack(n0, width, k0, kc, panel.data(), scratch);
             packed_panel = p, packed_depth = k0;
           }
-          simd::matmul<float>(nr, kPanel / simd::kLanes<float>, kc, A + (m0 + r0) * K + k0, K, 1, panel.data(),
-                              kPanel, c, ldc, k0 > 0);
+          panel_product(nr, kc, A + (m0 + r0) * K + k0, K, panel.data(), c, ldc, k0 > 0);
         }
         for (int64_t r = 0; r < nr; ++r) {
           float* out = C + (m0 + r0 + r) * N + n0;

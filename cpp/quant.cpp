@@ -1,7 +1,7 @@
 // Dequantization of GGUF blocks. Compiled with -ffp-contract=off (CMakeLists.txt): d * q + m must
 // round twice, like gguf's NumPy dequantizer, not once as an FMA, for the values to be bitwise equal.
 #include <cstring>
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -239,6 +239,26 @@ void dequantize_row(const Weight& w, int64_t r, int64_t c0, int64_t count, float
       }
       _mm512_storeu_ps(out, lo);
       _mm512_storeu_ps(out + 16, hi);
+      continue;
+    }
+#elif defined(__AVX2__)  // the same with 8 lanes: bytes 0-7 and 8-15 apart
+    if (w.format == WeightFormat::q4_1 || w.format == WeightFormat::q8_0) {
+      const __m256 vd = _mm256_set1_ps(half_to_float(blk));
+      if (w.format == WeightFormat::q4_1) {
+        const __m256 vm = _mm256_set1_ps(half_to_float(blk + 2));
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+        const __m256i nib = _mm256_set1_epi32(15);
+        for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h + 7: weights 8h + i (low nibbles), 16 + 8h + i (high)
+          const __m256i b = _mm256_cvtepu8_epi32(h ? _mm_srli_si128(q, 8) : q);
+          _mm256_storeu_ps(out + 8 * h, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib)), vd), vm));
+          _mm256_storeu_ps(out + 16 + 8 * h, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vd), vm));
+        }
+      } else {
+        for (int h = 0; h < 4; ++h) {
+          const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * h));
+          _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vd));
+        }
+      }
       continue;
     }
 #endif
