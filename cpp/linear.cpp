@@ -25,7 +25,14 @@ constexpr int64_t kMaxDepth = 1024;   // rows of B per packed block: 256 KB stay
                                       // noise of it, on SmolLM2's and Llama-3.2-1B's GEMM shapes)
 constexpr int64_t kEdgeRows = 256;    // rows per pass over a ragged last panel
 
-// dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
+// A packed panel holds 64 columns of B as kPanel / kSlice slices, each [kc, kSlice] contiguous: the
+// micro-kernel's kSlice columns (2 AVX2 vectors, 4 AVX-512 ones), so it streams its B rows from
+// consecutive addresses. Element (k, j) of the panel is at (j / kSlice) * kc * kSlice + k * kSlice
+// + j % kSlice.
+constexpr int64_t kSlice = simd::kTileVecs * simd::kLanes<float>;
+static_assert(kPanel % kSlice == 0, "a panel is whole slices");
+
+// The panel = rows [k0, k0 + kc) and columns [n0, n0 + width) of W^T, zero beyond width.
 // scratch: 64 * kc floats.
 void pack_transposed(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst,
                      std::vector<float>& scratch) {
@@ -36,29 +43,31 @@ void pack_transposed(const Weight& w, int64_t n0, int64_t width, int64_t k0, int
     for (int64_t j = 0; j < width; ++j) dequantize_row(w, n0 + j, k0, kc, scratch.data() + j * kc);
     src = scratch.data(), lds = kc;
   }
-  simd::transpose<float>(src, lds, dst, kPanel, width, kc, 1.0f);
-  if (width < kPanel)
-    for (int64_t k = 0; k < kc; ++k) std::fill(dst + k * kPanel + width, dst + (k + 1) * kPanel, 0.0f);
+  if (width < kPanel) std::fill(dst, dst + kPanel * kc, 0.0f);
+  for (int64_t j0 = 0; j0 < width; j0 += kSlice)
+    simd::transpose<float>(src + j0 * lds, lds, dst + j0 * kc, kSlice, std::min(kSlice, width - j0), kc, 1.0f);
 }
 
-// dst [kc, 64] = rows [k0, k0 + kc) and columns [n0, n0 + width) of W, zero beyond width.
+// The panel = rows [k0, k0 + kc) and columns [n0, n0 + width) of W, zero beyond width.
 void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst) {
+  float row[kPanel];
+  std::fill(row + width, row + kPanel, 0.0f);
   for (int64_t k = 0; k < kc; ++k) {
-    float* d = dst + k * kPanel;
-    dequantize_row(w, k0 + k, n0, width, d);
-    std::fill(d + width, d + kPanel, 0.0f);
+    dequantize_row(w, k0 + k, n0, width, row);
+    for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice) std::memcpy(dst + j0 * kc + k * kSlice, row + j0, kSlice * sizeof(float));
   }
 }
 
-// c[rows, 64] (=, or += with accumulate) a[rows, kc] (row stride lda) panel[kc, 64]: row tiles outer,
-// the panel's column tiles inner, so a tile's rows of A stay in L1 while the panel (in L2) passes
-// under them (columns outer would stream all of A from L3 once per column tile).
+// c[rows, 64] (=, or += with accumulate) a[rows, kc] (row stride lda) panel: row tiles outer, the
+// panel's slices inner, so a tile's rows of A stay in L1 while the panel (in L2) passes under them
+// (columns outer would stream all of A from L3 once per slice).
 void panel_product(int64_t rows, int64_t kc, const float* a, int64_t lda, const float* panel, float* c,
                    int64_t ldc, bool accumulate) {
-  constexpr int64_t R = simd::kTileRows, L = simd::kLanes<float>;
+  constexpr int64_t R = simd::kTileRows;
   for (int64_t m = 0; m < rows; m += R)
-    simd::matmul<float>(std::min(R, rows - m), kPanel / L, kc, a + m * lda, lda, 1, panel, kPanel, c + m * ldc, ldc,
-                        accumulate);
+    for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice)
+      simd::matmul<float>(std::min(R, rows - m), simd::kTileVecs, kc, a + m * lda, lda, 1, panel + j0 * kc, kSlice,
+                          c + m * ldc + j0, ldc, accumulate);
 }
 
 // C[M, N] = A[M, K] B[K, N] (+ bias [N]); pack(n0, width, k0, kc, dst, scratch) fills a [kc, 64]
