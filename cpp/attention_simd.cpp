@@ -29,6 +29,20 @@ using simd::Vec;
 constexpr int64_t kBlock = 64;        // queries per block = lanes of a score tile row
 constexpr int64_t kChunkForward = 128;  // input keys per chunk: a [128, 64] float tile is 32 KiB
 constexpr int64_t kChunkBackward = 64;  // two tiles (p, ds) live at once
+// Leading dimension of the [*, kBlock] tiles: kBlock plus one cache line. The micro-kernel reads a
+// column of vectors down a tile (its B operand); rows exactly 256 bytes apart fall into 16 of the
+// 64 sets of an 8-way 32 KiB L1, so at D = 256 a tile's 256 rows evicted each other. An odd number
+// of lines apart, they spread over every set.
+template <typename T>
+constexpr int64_t kLd = kBlock + 64 / int64_t(sizeof(T));
+// The same for rows of D values (packed keys and values, the dk/dv accumulators and the row-major
+// query copies of the backward): D rounded up to whole 64-byte lines, one more if their count is even.
+template <typename T>
+int64_t padded_row(int64_t D) {
+  constexpr int64_t line = 64 / int64_t(sizeof(T));
+  const int64_t lines = (D + line - 1) / line;
+  return (lines % 2 ? lines : lines + 1) * line;
+}
 
 template <typename T>
 using Buffer = std::vector<T>;
@@ -107,13 +121,13 @@ inline bool mixed(const Lanes& l, int64_t v) {
 }
 
 // Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
-// [B*Hkv, P+S, D]. The input is read in memory order (token rows of Hkv*D), so the reads stream;
+// [B*Hkv, P+S, Dl] with Dl = padded_row(D) (the padding is never read). The input is read in memory order (token rows of Hkv*D), so the reads stream;
 // gathering one head's rows directly (Hkv*D apart) missed the TLB on every row. Call inside a
 // parallel region; ends without a barrier.
 template <typename T>
 void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const T* pv, T* kp,
              T* vp) {
-  const int64_t D = s.D, rows = s.P + s.S, kv_row = s.Hkv * D;
+  const int64_t D = s.D, Dl = padded_row<T>(D), rows = s.P + s.S, kv_row = s.Hkv * D;
   auto copy = [D](const T* from, T* to) {
     for (int64_t d = 0; d < D; ++d) to[d] = from[d];  // short rows: a loop beats memmove calls
   };
@@ -121,7 +135,7 @@ void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const
   for (int64_t bj = 0; bj < s.B * s.S; ++bj) {
     const int64_t b = bj / s.S, j = bj % s.S;
     for (int64_t hk = 0; hk < s.Hkv; ++hk) {
-      const int64_t dst = ((b * s.Hkv + hk) * rows + s.P + j) * D;
+      const int64_t dst = ((b * s.Hkv + hk) * rows + s.P + j) * Dl;
       copy(k + bj * kv_row + hk * D, kp + dst);
       copy(v + bj * kv_row + hk * D, vp + dst);
     }
@@ -131,7 +145,7 @@ void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const
     const int64_t b = bp / s.P, p = bp % s.P;
     const int64_t src = ((s.prefix_per_row ? bp : p) * s.Hkv) * D;
     for (int64_t hk = 0; hk < s.Hkv; ++hk) {
-      const int64_t dst = ((b * s.Hkv + hk) * rows + p) * D;
+      const int64_t dst = ((b * s.Hkv + hk) * rows + p) * Dl;
       copy(pk + src + hk * D, kp + dst);
       copy(pv + src + hk * D, vp + dst);
     }
@@ -139,41 +153,42 @@ void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const
 }
 
 // The query-side arrays ([B, T, H, D]: q, out, ...) as tiles: per (b, h, block) the block's rows
-// transposed, [D, kBlock], lanes past T zero. Converting whole token rows (H*D contiguous) at a time
+// transposed, [D, kBlock] (row stride kLd), lanes past T zero. Converting whole token rows (H*D contiguous) at a time
 // is a separate pass, so the work items read and write only contiguous tiles.
+template <typename E>
 struct TileGrid {
   int64_t B, T, H, D, nblocks;
   explicit TileGrid(const AttentionShape& s)
       : B(s.B), T(s.T), H(s.H), D(s.D), nblocks((s.T + kBlock - 1) / kBlock) {}
-  int64_t tile_size() const { return D * kBlock; }
+  int64_t tile_size() const { return D * kLd<E>; }
   int64_t size() const { return B * H * nblocks * tile_size(); }
   int64_t tile(int64_t b, int64_t h, int64_t blk) const { return ((b * H + h) * nblocks + blk) * tile_size(); }
 };
 
 // tiles = factor * a, for the (b, block) pairs split across the team (call inside a parallel region).
 template <typename T>
-void to_tiles(const TileGrid& g, const T* a, T factor, T* tiles) {
+void to_tiles(const TileGrid<T>& g, const T* a, T factor, T* tiles) {
 #pragma omp for schedule(static)
   for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
     const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
     const int64_t n = std::min(kBlock, g.T - i0);
     for (int64_t h = 0; h < g.H; ++h) {  // one tile at a time: its 16 KiB stay in L1
       T* t = tiles + g.tile(b, h, blk);
-      for (int64_t d = 0; d < g.D; ++d) std::fill(t + d * kBlock + n, t + (d + 1) * kBlock, T(0));
-      simd::transpose(a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, t, kBlock, n, g.D, factor);
+      for (int64_t d = 0; d < g.D; ++d) std::fill(t + d * kLd<T> + n, t + (d + 1) * kLd<T>, T(0));
+      simd::transpose(a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, t, kLd<T>, n, g.D, factor);
     }
   }
 }
 
 // a = tiles, the inverse of to_tiles (call inside a parallel region).
 template <typename T>
-void from_tiles(const TileGrid& g, const T* tiles, T* a) {
+void from_tiles(const TileGrid<T>& g, const T* tiles, T* a) {
 #pragma omp for schedule(static)
   for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
     const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
     for (int64_t h = 0; h < g.H; ++h) {
       const T* t = tiles + g.tile(b, h, blk);
-      simd::transpose(t, kBlock, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D,
+      simd::transpose(t, kLd<T>, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D,
                       std::min(kBlock, g.T - i0), T(1));
     }
   }
@@ -184,11 +199,11 @@ struct ForwardScratch {
   Buffer<T> ot, scores;
   std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit ForwardScratch(const AttentionShape& s)
-      : ot(s.D * kBlock), scores((s.P + kChunkForward) * kBlock), lanes(s.P + kChunkForward) {}
+      : ot(s.D * kLd<T>), scores((s.P + kChunkForward) * kLd<T>), lanes(s.P + kChunkForward) {}
 };
 
 // One forward work item: queries [i0, i0+n) of head h. kp, vp: this head's packed keys and
-// values [P+S, D]. tile [D, kBlock]: in, the scaled queries (so scores come out scaled); out, the
+// values [P+S, Dl]. tile [D, kBlock]: in, the scaled queries (so scores come out scaled); out, the
 // attention output. Writes lse.
 template <typename T>
 void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>& hd,
@@ -204,18 +219,19 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
   bool first = true;
   for_each_chunk(s.P, input_end(s, i0 + n), kChunkForward, [&](const Chunk& c) {
     const int64_t rows = c.rows();
-    const T *kc = kp + c.r0() * s.D, *vc = vp + c.r0() * s.D;
+    const int64_t Dl = padded_row<T>(s.D);
+    const T *kc = kp + c.r0() * Dl, *vc = vp + c.r0() * Dl;
     T* sc = w.scores.data();
     Lanes* vl = w.lanes.data();
     for (int64_t r = 0; r < rows; ++r) vl[r] = visible_lanes(s, hd, c, r, i0);
     // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock]
-    simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qt, kBlock, sc, kBlock, false);
+    simd::matmul<T>(rows, nv, s.D, kc, Dl, 1, qt, kLd<T>, sc, kLd<T>, false);
     if (s.softcap) {  // scores = c tanh(scores / c), in place
       const T c = T(s.softcap), inv = T(1 / s.softcap);
       for (int64_t r = 0; r < rows; ++r)
         if (!vl[r].none())
           for (int v = 0; v < nv; ++v)
-            simd::store(sc + r * kBlock + v * L, c * simd::tanh<T>(inv * simd::load(sc + r * kBlock + v * L)));
+            simd::store(sc + r * kLd<T> + v * L, c * simd::tanh<T>(inv * simd::load(sc + r * kLd<T> + v * L)));
     }
     // Online softmax, lane-wise: the chunk's max, the rescale factor, then p = exp(score - max).
     Vec<T> mx[NVmax], msafe[NVmax], alpha[NVmax], sum[NVmax];
@@ -223,7 +239,7 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     for (int64_t r = 0; r < rows; ++r) {
       if (vl[r].none()) continue;
       for (int v = 0; v < nv; ++v) {
-        Vec<T> x = simd::load(sc + r * kBlock + v * L);
+        Vec<T> x = simd::load(sc + r * kLd<T> + v * L);
         if (mixed<T>(vl[r], v)) x = hidden_lanes<T>(vl[r], v) ? ninf : x;
         mx[v] = simd::vmax<T>(mx[v], x);
       }
@@ -236,10 +252,10 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
       for (int v = 0; v < nv; ++v) {
         Vec<T> p{};
         if (!vl[r].none()) {
-          p = simd::exp<T>(simd::load(sc + r * kBlock + v * L) - msafe[v]);
+          p = simd::exp<T>(simd::load(sc + r * kLd<T> + v * L) - msafe[v]);
           if (mixed<T>(vl[r], v)) p = hidden_lanes<T>(vl[r], v) ? Vec<T>{} : p;  // exact zeros
         }
-        simd::store(sc + r * kBlock + v * L, p);
+        simd::store(sc + r * kLd<T> + v * L, p);
         sum[v] += p;
       }
     }
@@ -250,9 +266,9 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     if (!first)
       for (int64_t d = 0; d < s.D; ++d)
         for (int v = 0; v < nv; ++v)
-          simd::store(ot + d * kBlock + v * L, alpha[v] * simd::load(ot + d * kBlock + v * L));
+          simd::store(ot + d * kLd<T> + v * L, alpha[v] * simd::load(ot + d * kLd<T> + v * L));
     // ot [D, kBlock] (+)= values^T [D, rows] . p [rows, kBlock]
-    simd::matmul<T>(s.D, nv, rows, vc, 1, s.D, sc, kBlock, ot, kBlock, !first);
+    simd::matmul<T>(s.D, nv, rows, vc, 1, Dl, sc, kLd<T>, ot, kLd<T>, !first);
     first = false;
   });
   // out = ot / l; a query that sees no key (l = 0) gets zeros and lse = -inf, never NaN.
@@ -264,7 +280,7 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
   }
   for (int64_t d = 0; d < s.D; ++d)
     for (int v = 0; v < nv; ++v)
-      simd::store(tile + d * kBlock + v * L, first ? Vec<T>{} : inv[v] * simd::load(ot + d * kBlock + v * L));
+      simd::store(tile + d * kLd<T> + v * L, first ? Vec<T>{} : inv[v] * simd::load(ot + d * kLd<T> + v * L));
   // (first: no chunk ran, ot was never written)
   T ml[kBlock], ll[kBlock];
   for (int v = 0; v < nv; ++v) simd::store(ml + v * L, m[v]), simd::store(ll + v * L, l[v]);
@@ -275,16 +291,18 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
 
 template <typename T>
 struct BackwardScratch {
-  int64_t Dp;  // D rounded up to whole vectors: rows of the dk/dv accumulators
+  int64_t Dp;  // D rounded up to whole vectors: the columns the dk/dv products compute
+  int64_t Dl;  // padded_row(D) >= Dp: the row stride of qs, dos, dk, dv
   Buffer<T> dqt, qs, dos, p, ds, lse, delta, dk, dv;
   explicit BackwardScratch(const AttentionShape& s)
-      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), dqt(s.D * kBlock), qs(kBlock * Dp),
-        dos(kBlock * Dp), p((s.P + kChunkBackward) * kBlock), ds((s.P + kChunkBackward) * kBlock),
-        lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dp), dv((s.P + s.S) * Dp) {}
+      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)), dqt(s.D * kLd<T>),
+        qs(kBlock * Dl), dos(kBlock * Dl), p((s.P + kChunkBackward) * kLd<T>),
+        ds((s.P + kChunkBackward) * kLd<T>), lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dl),
+        dv((s.P + s.S) * Dl) {}
 };
 
 // One query block's share of the backward for head h. kp, vp: this head's packed keys and
-// values [P+S, D]. qtile [D, kBlock]: in, the scaled queries; out, dq (transposed). dotile: dout,
+// values [P+S, Dl]. qtile [D, kBlock]: in, the scaled queries; out, dq (transposed). dotile: dout,
 // transposed. delta_row: rowsum(dout * out) of the block's queries. Accumulates into w.dk, w.dv,
 // rows [prefix (P) | input (S)] x Dp.
 //   p = exp(scores - lse);  dv += p^T do;  dp = do v^T;  ds = p * (dp - delta);
@@ -295,12 +313,12 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
                     const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
                     T* qtile, const T* dotile, const T* delta_row, const T* lse) {
   constexpr int L = kLanes<T>;
-  const int64_t nv = (n + L - 1) / L, Dp = w.Dp, wd = Dp / L;
-  // Row-major copies [kBlock, Dp] (zero padding) for the products that sum over the lanes.
+  const int64_t nv = (n + L - 1) / L, Dl = w.Dl, wd = w.Dp / L;
+  // Row-major copies [kBlock, Dl] (zero padding) for the products that sum over the lanes.
   std::fill(w.qs.begin(), w.qs.end(), T(0));
   std::fill(w.dos.begin(), w.dos.end(), T(0));
-  simd::transpose(qtile, kBlock, w.qs.data(), Dp, s.D, n, T(1));
-  simd::transpose(dotile, kBlock, w.dos.data(), Dp, s.D, n, T(1));
+  simd::transpose(qtile, kLd<T>, w.qs.data(), Dl, s.D, n, T(1));
+  simd::transpose(dotile, kLd<T>, w.dos.data(), Dl, s.D, n, T(1));
   std::fill(w.dqt.begin(), w.dqt.end(), T(0));
   const T* lse_row = lse + (b * s.H + h) * s.T + i0;
   for (int64_t i = 0; i < kBlock; ++i) {
@@ -312,14 +330,14 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
   for_each_chunk(s.P, input_end(s, i0 + n), kChunkBackward, [&](const Chunk& c) {
     T *p = w.p.data(), *ds = w.ds.data();
     const int64_t rows = c.rows(), r0 = c.r0();
-    const T *kc = kp + r0 * s.D, *vc = vp + r0 * s.D;
+    const T *kc = kp + r0 * Dl, *vc = vp + r0 * Dl;
     // scores = keys . qt;  dp = values . do^T   (both [rows, kBlock])
-    simd::matmul<T>(rows, nv, s.D, kc, s.D, 1, qtile, kBlock, p, kBlock, false);
-    simd::matmul<T>(rows, nv, s.D, vc, s.D, 1, dotile, kBlock, ds, kBlock, false);
+    simd::matmul<T>(rows, nv, s.D, kc, Dl, 1, qtile, kLd<T>, p, kLd<T>, false);
+    simd::matmul<T>(rows, nv, s.D, vc, Dl, 1, dotile, kLd<T>, ds, kLd<T>, false);
     for (int64_t r = 0; r < rows; ++r) {
       const Lanes vl = visible_lanes(s, hd, c, r, i0);
       for (int64_t v = 0; v < nv; ++v) {
-        T *pr = p + r * kBlock + v * L, *dr = ds + r * kBlock + v * L;
+        T *pr = p + r * kLd<T> + v * L, *dr = ds + r * kLd<T> + v * L;
         Vec<T> pvec{}, dsvec{};
         if (!vl.none()) {
           Vec<T> score = simd::load(pr), th{};
@@ -335,14 +353,14 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
         simd::store(pr, pvec), simd::store(dr, dsvec);
       }
     }
-    // dv_rows += p . do;  dk_rows += ds . (scale q)   ([rows, Dp], summing over the n lanes)
-    simd::matmul<T>(rows, wd, n, p, kBlock, 1, w.dos.data(), Dp, w.dv.data() + r0 * Dp, Dp, true);
-    simd::matmul<T>(rows, wd, n, ds, kBlock, 1, w.qs.data(), Dp, w.dk.data() + r0 * Dp, Dp, true);
+    // dv_rows += p . do;  dk_rows += ds . (scale q)   ([rows, Dp] of [rows, Dl], summing over the n lanes)
+    simd::matmul<T>(rows, wd, n, p, kLd<T>, 1, w.dos.data(), Dl, w.dv.data() + r0 * Dl, Dl, true);
+    simd::matmul<T>(rows, wd, n, ds, kLd<T>, 1, w.qs.data(), Dl, w.dk.data() + r0 * Dl, Dl, true);
     // dq^T [D, kBlock] += keys^T [D, rows] . ds [rows, kBlock]
-    simd::matmul<T>(s.D, nv, rows, kc, 1, s.D, ds, kBlock, w.dqt.data(), kBlock, true);
+    simd::matmul<T>(s.D, nv, rows, kc, 1, Dl, ds, kLd<T>, w.dqt.data(), kLd<T>, true);
   });
   // The block is done with its queries: its tile now takes dq^T = scale * ds k.
-  for (int64_t e = 0; e < s.D * kBlock; ++e) qtile[e] = T(s.scale) * w.dqt[e];
+  for (int64_t e = 0; e < s.D * kLd<T>; ++e) qtile[e] = T(s.scale) * w.dqt[e];
 }
 
 }  // namespace
@@ -362,8 +380,8 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
                                    const uint8_t* key_padding_mask, T* out, T* lse) {
   const int64_t nblocks = (s.T + kBlock - 1) / kBlock;
   const int64_t items = s.B * s.H * nblocks, group = s.H / s.Hkv, heads = s.B * s.Hkv;
-  const int64_t head_size = (s.P + s.S) * s.D;
-  const TileGrid grid(s);
+  const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
+  const TileGrid<T> grid(s);
   // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D];
   // then the query tiles, which each item overwrites with its output.
   T* kp = workspace<T>(2 * heads * head_size + grid.size());
@@ -394,8 +412,8 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
                                     const T* out, const T* lse, T* dq, T* dk, T* dv,
                                     T* dprefix_k, T* dprefix_v) {
   const int64_t group = s.H / s.Hkv, kv_row = s.Hkv * s.D, heads = s.B * s.Hkv;
-  const int64_t head_size = (s.P + s.S) * s.D;
-  const TileGrid grid(s);
+  const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
+  const TileGrid<T> grid(s);
   // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles, and
   // delta = rowsum(dout * out) [B, H, T].
   T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T);
@@ -432,15 +450,15 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
                          std::min(kBlock, s.T - i0), qtiles + tile, dotiles + tile,
                          delta + (b * s.H + h) * s.T + i0, lse);
         }
-      // Accumulator rows [prefix | input] x Dp -> the outputs' D columns.
+      // Accumulator rows [prefix | input] x Dl -> the outputs' D columns.
       const int64_t koff = b * s.S * kv_row + hk * s.D;
       T *pk_rows = dprefix.key(b, hk), *pv_rows = dprefix.value(b, hk);
       for (int64_t r = 0; r < s.P + s.S; ++r) {
         const bool pre = r < s.P;
         T* kdst = pre ? pk_rows + r * kv_row : dk + koff + (r - s.P) * kv_row;
         T* vdst = pre ? pv_rows + r * kv_row : dv + koff + (r - s.P) * kv_row;
-        std::copy_n(w.dk.data() + r * w.Dp, s.D, kdst);
-        std::copy_n(w.dv.data() + r * w.Dp, s.D, vdst);
+        std::copy_n(w.dk.data() + r * w.Dl, s.D, kdst);
+        std::copy_n(w.dv.data() + r * w.Dl, s.D, vdst);
       }
     }
     from_tiles(grid, qtiles, dq);

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -225,6 +225,28 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// In-register transpose of an 8 x 8 float block (unpack / shuffle / permute2f128).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+#endif
+
 // dst[c * ldd + r] = factor * src[r * lds + c] for r < rows, c < cols.
 template <typename T>
 void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
@@ -242,6 +264,21 @@ void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int
         for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (c0 + i) * ldd + r0, _mm512_mul_ps(f, r[i]));
       }
       for (int64_t r = r0; r < r0 + 16; ++r)
+        for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = factor * src[r * lds + c];
+    }
+  }
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 f = _mm256_set1_ps(factor);
+    for (; r0 + 8 <= rows; r0 += 8) {
+      int64_t c0 = 0;
+      for (; c0 + 8 <= cols; c0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (r0 + i) * lds + c0);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * ldd + r0, _mm256_mul_ps(f, r[i]));
+      }
+      for (int64_t r = r0; r < r0 + 8; ++r)
         for (int64_t c = c0; c < cols; ++c) dst[c * ldd + r] = factor * src[r * lds + c];
     }
   }
