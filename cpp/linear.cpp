@@ -83,13 +83,16 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
   }
   const int64_t panels = (N + kPanel - 1) / kPanel;
   const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
-  // Panels that split unevenly over the threads: split the rows instead (each thread then packs
-  // every panel, ~1/M of the work more).
+  // Work items: whole panels (all M rows) while they divide evenly over the threads; the last
+  // panels % nt panels are split into row chunks, one per thread, so that no thread waits
+  // (SmolLM2's 576 = 9 panels: 8 whole, 1 split). A split panel is packed by every thread that
+  // takes a chunk of it, so only the remainder is split, not every panel.
   const int64_t row_tiles = (M + simd::kTileRows - 1) / simd::kTileRows;
-  const bool even = panels % nt == 0 || panels >= 8 * nt;
-  const int64_t chunks = even ? 1 : std::min<int64_t>(nt, row_tiles);
+  const int64_t split = panels >= 8 * nt ? 0 : panels % nt;  // many panels: imbalance is small
+  const int64_t whole = panels - split;
+  const int64_t chunks = split ? std::min<int64_t>(nt, row_tiles) : 1;
   const int64_t chunk_rows = (row_tiles + chunks - 1) / chunks * simd::kTileRows;
-  const int64_t items = chunks * panels;
+  const int64_t items = whole + split * chunks;
   std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt)
   {
@@ -100,8 +103,10 @@ void gemm(int64_t M, int64_t K, int64_t N, const float* A, float* C, const float
     // Items from a shared counter, not a fixed share per thread: a thread slowed by another
     // process on its core takes fewer (the result does not depend on who computes an item).
     for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t p = item % panels, m0 = item / panels * chunk_rows;
-      const int64_t rows = std::min(M, m0 + chunk_rows) - m0;
+      const bool whole_item = item < whole;
+      const int64_t p = whole_item ? item : whole + (item - whole) % split;
+      const int64_t m0 = whole_item ? 0 : (item - whole) / split * chunk_rows;
+      const int64_t rows = whole_item ? M : std::min(M, m0 + chunk_rows) - m0;
       if (rows <= 0) continue;
       const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
       // A ragged last panel goes through a full-width side buffer, kEdgeRows rows at a time.
