@@ -120,6 +120,32 @@ inline bool mixed(const Lanes& l, int64_t v) {
   return l.first > v * kLanes<T> || l.last < (v + 1) * kLanes<T>;
 }
 
+// The rows of a chunk that some lane of each lane group sees, a group being the micro-kernel's
+// width (simd::kTileVecs vectors): rows outside [begin, end) are hidden from every lane of the group,
+// so the products skip them there (with causal masking the diagonal block's upper triangle, with a
+// window the lower one). A hidden key never counts; skipping its exact zeros changes no sum.
+struct RowRange {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+};
+
+template <typename T>
+int group_rows(const Lanes* vl, int64_t rows, int64_t nv, RowRange* out) {
+  constexpr int64_t L = kLanes<T>, G = simd::kTileVecs;
+  const int groups = int((nv + G - 1) / G);
+  for (int g = 0; g < groups; ++g) {
+    const int64_t a = g * G * L, z = std::min<int64_t>((g + 1) * G * L, kBlock);
+    int64_t lo = rows, hi = rows;
+    for (int64_t r = 0; r < rows; ++r)
+      if (!vl[r].none() && vl[r].first < z && vl[r].last > a) {
+        if (lo == rows) lo = r;
+        hi = r + 1;
+      }
+    out[g] = RowRange{lo, lo == rows ? rows : hi};
+  }
+  return groups;
+}
+
 // Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
 // [B*Hkv, P+S, Dl] with Dl = padded_row(D) (the padding is never read). The input is read in memory order (token rows of Hkv*D), so the reads stream;
 // gathering one head's rows directly (Hkv*D apart) missed the TLB on every row. Call inside a
@@ -209,7 +235,7 @@ template <typename T>
 void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>& hd,
                    const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
                    T* tile, T* lse) {
-  constexpr int L = kLanes<T>, NVmax = kBlock / L;
+  constexpr int L = kLanes<T>, NVmax = kBlock / L, G = simd::kTileVecs;
   const int64_t nv = (n + L - 1) / L;
   const Vec<T> ninf = simd::broadcast(-std::numeric_limits<T>::infinity());
   const T* qt = tile;
@@ -224,8 +250,16 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
     T* sc = w.scores.data();
     Lanes* vl = w.lanes.data();
     for (int64_t r = 0; r < rows; ++r) vl[r] = visible_lanes(s, hd, c, r, i0);
-    // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock]
-    simd::matmul<T>(rows, nv, s.D, kc, Dl, 1, qt, kLd<T>, sc, kLd<T>, false);
+    // scores [rows, kBlock] = keys [rows, D] . qt [D, kBlock], per lane group over its rows (the
+    // other rows' entries stay stale: every lane there is hidden, and the passes below mask it)
+    RowRange rr[NVmax];
+    const int groups = group_rows<T>(vl, rows, nv, rr);
+    for (int g = 0; g < groups; ++g) {
+      const int64_t w0 = g * G, r0 = rr[g].begin;
+      if (rr[g].size())
+        simd::matmul<T>(rr[g].size(), std::min<int64_t>(G, nv - w0), s.D, kc + r0 * Dl, Dl, 1, qt + w0 * L,
+                        kLd<T>, sc + r0 * kLd<T> + w0 * L, kLd<T>, false);
+    }
     if (s.softcap) {  // scores = c tanh(scores / c), in place
       const T c = T(s.softcap), inv = T(1 / s.softcap);
       for (int64_t r = 0; r < rows; ++r)
@@ -267,8 +301,13 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
       for (int64_t d = 0; d < s.D; ++d)
         for (int v = 0; v < nv; ++v)
           simd::store(ot + d * kLd<T> + v * L, alpha[v] * simd::load(ot + d * kLd<T> + v * L));
-    // ot [D, kBlock] (+)= values^T [D, rows] . p [rows, kBlock]
-    simd::matmul<T>(s.D, nv, rows, vc, 1, Dl, sc, kLd<T>, ot, kLd<T>, !first);
+    // ot [D, kBlock] (+)= values^T [D, rows] . p [rows, kBlock], each lane group over its rows
+    for (int g = 0; g < groups; ++g) {
+      const int64_t w0 = g * G, r0 = rr[g].begin;
+      if (rr[g].size() || first)  // (none and first: the group's ot = 0)
+        simd::matmul<T>(s.D, std::min<int64_t>(G, nv - w0), rr[g].size(), vc + r0 * Dl, 1, Dl,
+                        sc + r0 * kLd<T> + w0 * L, kLd<T>, ot + w0 * L, kLd<T>, !first);
+    }
     first = false;
   });
   // out = ot / l; a query that sees no key (l = 0) gets zeros and lse = -inf, never NaN.
@@ -294,11 +333,12 @@ struct BackwardScratch {
   int64_t Dp;  // D rounded up to whole vectors: the columns the dk/dv products compute
   int64_t Dl;  // padded_row(D) >= Dp: the row stride of qs, dos, dk, dv
   Buffer<T> dqt, qs, dos, p, ds, lse, delta, dk, dv;
+  std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit BackwardScratch(const AttentionShape& s)
       : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)), dqt(s.D * kLd<T>),
         qs(kBlock * Dl), dos(kBlock * Dl), p((s.P + kChunkBackward) * kLd<T>),
         ds((s.P + kChunkBackward) * kLd<T>), lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dl),
-        dv((s.P + s.S) * Dl) {}
+        dv((s.P + s.S) * Dl), lanes(s.P + kChunkBackward) {}
 };
 
 // One query block's share of the backward for head h. kp, vp: this head's packed keys and
@@ -312,7 +352,8 @@ template <typename T>
 void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<T>& hd,
                     const T* kp, const T* vp, int64_t b, int64_t h, int64_t i0, int64_t n,
                     T* qtile, const T* dotile, const T* delta_row, const T* lse) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T>, NVmax = kBlock / L, G = simd::kTileVecs;
+  constexpr int64_t R = simd::kTileRows;
   const int64_t nv = (n + L - 1) / L, Dl = w.Dl, wd = w.Dp / L;
   // Row-major copies [kBlock, Dl] (zero padding) for the products that sum over the lanes.
   std::fill(w.qs.begin(), w.qs.end(), T(0));
@@ -331,11 +372,20 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
     T *p = w.p.data(), *ds = w.ds.data();
     const int64_t rows = c.rows(), r0 = c.r0();
     const T *kc = kp + r0 * Dl, *vc = vp + r0 * Dl;
-    // scores = keys . qt;  dp = values . do^T   (both [rows, kBlock])
-    simd::matmul<T>(rows, nv, s.D, kc, Dl, 1, qtile, kLd<T>, p, kLd<T>, false);
-    simd::matmul<T>(rows, nv, s.D, vc, Dl, 1, dotile, kLd<T>, ds, kLd<T>, false);
+    Lanes* vls = w.lanes.data();
+    for (int64_t r = 0; r < rows; ++r) vls[r] = visible_lanes(s, hd, c, r, i0);
+    RowRange rr[NVmax];
+    const int groups = group_rows<T>(vls, rows, nv, rr);
+    // scores = keys . qt;  dp = values . do^T   (both [rows, kBlock]; per lane group over its rows,
+    // the rest stays stale and is masked below)
+    for (int g = 0; g < groups; ++g) {
+      const int64_t w0 = g * G, W = std::min<int64_t>(G, nv - w0), g0 = rr[g].begin, gn = rr[g].size();
+      if (!gn) continue;
+      simd::matmul<T>(gn, W, s.D, kc + g0 * Dl, Dl, 1, qtile + w0 * L, kLd<T>, p + g0 * kLd<T> + w0 * L, kLd<T>, false);
+      simd::matmul<T>(gn, W, s.D, vc + g0 * Dl, Dl, 1, dotile + w0 * L, kLd<T>, ds + g0 * kLd<T> + w0 * L, kLd<T>, false);
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      const Lanes vl = visible_lanes(s, hd, c, r, i0);
+      const Lanes vl = vls[r];
       for (int64_t v = 0; v < nv; ++v) {
         T *pr = p + r * kLd<T> + v * L, *dr = ds + r * kLd<T> + v * L;
         Vec<T> pvec{}, dsvec{};
@@ -346,18 +396,37 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
             score = T(s.softcap) * th;
           }
           pvec = simd::exp<T>(score - simd::load(w.lse.data() + v * L));
-          if (mixed<T>(vl, v)) pvec = hidden_lanes<T>(vl, v) ? Vec<T>{} : pvec;
           dsvec = pvec * (simd::load(dr) - simd::load(w.delta.data() + v * L));
           if (s.softcap) dsvec *= T(1) - th * th;  // d capped / d s
+          if (mixed<T>(vl, v)) {  // exact zeros where hidden (the entries there may be stale)
+            const auto hidden = hidden_lanes<T>(vl, v);
+            pvec = hidden ? Vec<T>{} : pvec;
+            dsvec = hidden ? Vec<T>{} : dsvec;
+          }
         }
         simd::store(pr, pvec), simd::store(dr, dsvec);
       }
     }
-    // dv_rows += p . do;  dk_rows += ds . (scale q)   ([rows, Dp] of [rows, Dl], summing over the n lanes)
-    simd::matmul<T>(rows, wd, n, p, kLd<T>, 1, w.dos.data(), Dl, w.dv.data() + r0 * Dl, Dl, true);
-    simd::matmul<T>(rows, wd, n, ds, kLd<T>, 1, w.qs.data(), Dl, w.dk.data() + r0 * Dl, Dl, true);
-    // dq^T [D, kBlock] += keys^T [D, rows] . ds [rows, kBlock]
-    simd::matmul<T>(s.D, nv, rows, kc, 1, Dl, ds, kLd<T>, w.dqt.data(), kLd<T>, true);
+    // dv_rows += p . do;  dk_rows += ds . (scale q)   ([rows, Dp] of [rows, Dl]), each tile of rows
+    // summing over the lanes that see some row of it (p and ds are exact zeros on the others)
+    for (int64_t t0 = 0; t0 < rows; t0 += R) {
+      const int64_t tr = std::min(R, rows - t0);
+      int64_t lo = n, hi = 0;
+      for (int64_t r = t0; r < t0 + tr; ++r)
+        if (!vls[r].none()) lo = std::min(lo, vls[r].first), hi = std::max(hi, std::min(vls[r].last, n));
+      if (hi <= lo) continue;
+      simd::matmul<T>(tr, wd, hi - lo, p + t0 * kLd<T> + lo, kLd<T>, 1, w.dos.data() + lo * Dl, Dl,
+                      w.dv.data() + (r0 + t0) * Dl, Dl, true);
+      simd::matmul<T>(tr, wd, hi - lo, ds + t0 * kLd<T> + lo, kLd<T>, 1, w.qs.data() + lo * Dl, Dl,
+                      w.dk.data() + (r0 + t0) * Dl, Dl, true);
+    }
+    // dq^T [D, kBlock] += keys^T [D, rows] . ds [rows, kBlock], each lane group over its rows
+    for (int g = 0; g < groups; ++g) {
+      const int64_t w0 = g * G, g0 = rr[g].begin;
+      if (rr[g].size())
+        simd::matmul<T>(s.D, std::min<int64_t>(G, nv - w0), rr[g].size(), kc + g0 * Dl, 1, Dl,
+                        ds + g0 * kLd<T> + w0 * L, kLd<T>, w.dqt.data() + w0 * L, kLd<T>, true);
+    }
   });
   // The block is done with its queries: its tile now takes dq^T = scale * ds k.
   for (int64_t e = 0; e < s.D * kLd<T>; ++e) qtile[e] = T(s.scale) * w.dqt[e];

@@ -75,16 +75,35 @@ def test_nan_and_inf_reach_what_autograd_makes_nan(shape, place, value, backend,
         np.testing.assert_allclose(got[finite], want[finite], rtol=tol, atol=tol, err_msg=name)
 
 
+def _nan_seen(q, v, pv, lse, causal, keep):
+    """[B, T, H, D]: the outputs a NaN must reach by the rule alone, written apart from both
+    backends: every column of a query whose lse is NaN (a NaN score it sees), and column d of a query
+    that sees a key whose value has a NaN in column d. Query i sits at position P + S - T + i, key y
+    (prefix rows first) at y."""
+    B, T, H, D = q.shape
+    S, Hkv, P = v.shape[1], v.shape[2], pv.shape[-3]
+    values = np.concatenate([np.broadcast_to(pv, (B, P, Hkv, D)), v], axis=1)  # [B, P+S, Hkv, D]
+    x = P + S - T + np.arange(T)[:, None]
+    y = np.arange(P + S)[None, :]
+    sees = np.broadcast_to(y <= x if causal else np.ones((T, P + S), bool), (B, T, P + S)).copy()
+    if keep is not None:
+        sees &= np.concatenate([np.ones((B, P), bool), keep], axis=1)[:, None, :]
+    bad = np.isnan(values).repeat(H // Hkv, axis=2)  # [B, P+S, H, D]
+    seen = np.einsum("bty,byhd->bthd", sees.astype(np.int64), bad.astype(np.int64)) > 0
+    return seen | np.isnan(lse).transpose(0, 2, 1)[..., None]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal, mask", [(True, None), (False, "right"), (True, "left")])
 @pytest.mark.parametrize("place", PLACES)
 def test_nan_with_masks_follows_the_same_rule_on_both_backends(place, causal, mask, dtype, kernel, rng):
-    """Under causality or padding a NaN reaches the outputs of the queries that see it and no other
-    (a hidden key's score never counts): the C++ kernels and the NumPy twin agree on every NaN of
-    out and lse. In the gradients it never vanishes; a NaN query may also reach keys hidden from
-    it (0 * NaN in the products, as in autograd through a masked softmax), in the NumPy twin always
-    and in the C++ kernels within the key chunks its block reads, so there the C++ NaNs are a
-    subset of the twin's."""
+    """Under causality or padding a NaN reaches the outputs of every query that sees it (a hidden
+    key's score never counts): the C++ kernels and the NumPy twin agree on every NaN of lse, and
+    the outputs of the queries that see a NaN are NaN on both. A NaN *value* may also reach queries
+    it is hidden from (0 * NaN in p @ v, as in autograd through a masked softmax): in the NumPy twin
+    always, in the C++ kernels only within the keys and query lanes they compute together, so there
+    the C++ NaNs are a subset of the twin's. The same holds for the gradients, where a NaN never
+    vanishes."""
     q, k, v, pk, pv, m = make_problem(rng, 2, 70, 70, 4, 2, 8, 3, dtype=dtype, mask=mask)
     arrays = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
     _poke(arrays, place, np.nan, rng)
@@ -98,8 +117,11 @@ def test_nan_with_masks_follows_the_same_rule_on_both_backends(place, causal, ma
         grads = ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal=causal, key_padding_mask=m,
                                               backend=backend)
         results.append((out, lse, *grads))
-    for name, a, b in zip(("out", "lse"), *results):
-        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+    np.testing.assert_array_equal(np.isnan(results[0][1]), np.isnan(results[1][1]), err_msg="lse")
+    seen = _nan_seen(q, v, pv, results[1][1], causal, m)
+    for name, out in zip(("cpp", "numpy"), (results[0][0], results[1][0])):
+        assert not (seen & ~np.isnan(out)).any(), f"out ({name}): a query that sees a NaN is not NaN"
+    assert not (np.isnan(results[0][0]) & ~np.isnan(results[1][0])).any(), "out"
     for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), results[0][2:], results[1][2:]):
         assert not (np.isnan(a) & ~np.isnan(b)).any(), name
     if np.isnan(results[0][0]).any():  # the NaN reached an output: the gradients show it too

@@ -18,8 +18,9 @@ Input rules (the same for both backends):
 - NaN or Inf in the inputs is not checked (that would cost a pass over memory) and never
   swallowed: one that a query sees reaches exactly the outputs and gradients that autograd through
   a plain softmax attention makes NaN. The score of a key hidden by a mask never counts, even if it
-  is NaN or Inf; a NaN/Inf *value* row at a hidden position still propagates (0 * Inf = NaN in the
-  product), so keep padded positions finite. A query that sees no key at all gets zeros (and
+  is NaN or Inf; a NaN/Inf *value* row at a hidden position may still propagate (0 * Inf = NaN in
+  the product: the NumPy twin always, the C++ kernels within the blocks they compute), so keep
+  padded positions finite. A query that sees no key at all gets zeros (and
   lse = -inf), never NaN.
 Bad input raises TypeError (wrong type or dtype) or ValueError (wrong shape or value) naming the
 argument and the expected vs actual shape or dtype.
