@@ -8,7 +8,9 @@ A step is forward + backward + AdamW on a batch of 8 x 64 random tokens with P =
 - "lm":    the full-vocabulary causal-LM loss over every next-token position (PEFT: labels=input_ids);
 - "label": label-word classification (" positive"/" negative") at the last position.
 Inference: an evaluation forward (label-word logits) on a batch of 32 x 64 tokens with the adapter.
-Both sides start from the same adapter (ours written in PEFT's format, loaded by PEFT), so their
+The best step of each side is reported beside the median (on a shared host noise only adds time,
+so the best is the estimate of what each side's code costs, as timeit's docs argue; the median shows
+what a run met). Both sides start from the same adapter (ours written in PEFT's format, loaded by PEFT), so their
 step-0 losses must agree (to 1e-4). Reports medians after warm-up, tokens/s (real tokens), peak RSS
 and the ratios; writes bench/results/e2e.json. The PEFT side runs only where torch, transformers and
 peft are installed.
@@ -192,7 +194,7 @@ def have_peft():
 def summarize(r):
     step = statistics.median(r["step_s"])
     ev = statistics.median(r["eval_s"])
-    return {"step_s": step, "tokens_per_s": BATCH * LENGTH / step, "eval_tokens_per_s": EVAL_BATCH * LENGTH / ev,
+    return {"step_s": step, "best_step_s": min(r["step_s"]), "tokens_per_s": BATCH * LENGTH / step, "eval_tokens_per_s": EVAL_BATCH * LENGTH / ev,
             "peak_rss_mb": r["peak_rss_mb"], "rss_model_mb": r["rss_model_mb"], "loss0": r["loss0"]}
 
 
@@ -225,7 +227,7 @@ def main():
     rows = []
     print(f"SmolLM2-135M, batch {BATCH} x {LENGTH}, P = {P}, {args.threads} threads, median of {args.repeats} x "
           f"{args.steps} steps")
-    head = f"{'method':7} {'loss':6} {'side':9} {'s/step':>7} {'tok/s':>7} {'eval tok/s':>10} {'peak RSS':>9} {'loss0':>9}"
+    head = f"{'method':7} {'loss':6} {'side':9} {'s/step':>7} {'best':>7} {'tok/s':>7} {'eval tok/s':>10} {'peak RSS':>9} {'loss0':>9}"
     print(head)
     for method in args.methods.split(","):
         for loss in args.losses.split(","):
@@ -244,15 +246,16 @@ def main():
             for side in ("ours", "peft"):
                 if side in row:
                     s = row[side]
-                    print(f"{method:7} {loss:6} {side:9} {s['step_s']:7.3f} {s['tokens_per_s']:7.0f} "
+                    print(f"{method:7} {loss:6} {side:9} {s['step_s']:7.3f} {s['best_step_s']:7.3f} {s['tokens_per_s']:7.0f} "
                           f"{s['eval_tokens_per_s']:10.0f} {s['peak_rss_mb']:7.0f}MB {s['loss0']:9.5f}")
             if peft:
                 o, p = row["ours"], row["peft"]
-                row["ratios"] = {"step_time": o["step_s"] / p["step_s"], "peak_rss": o["peak_rss_mb"] / p["peak_rss_mb"],
+                row["ratios"] = {"step_time": o["step_s"] / p["step_s"], "step_time_best": o["best_step_s"] / p["best_step_s"],
+                                 "peak_rss": o["peak_rss_mb"] / p["peak_rss_mb"],
                                  "eval_throughput": o["eval_tokens_per_s"] / p["eval_tokens_per_s"],
                                  "loss0_diff": abs(o["loss0"] - p["loss0"])}
                 r = row["ratios"]
-                print(f"{'':15}ours/PEFT: step time {r['step_time']:.2f}x, peak RSS {r['peak_rss']:.2f}x, eval "
+                print(f"{'':15}ours/PEFT: step time {r['step_time']:.2f}x (median), {r['step_time_best']:.2f}x (best), peak RSS {r['peak_rss']:.2f}x, eval "
                       f"throughput {r['eval_throughput']:.2f}x, |loss0 diff| {r['loss0_diff']:.1e}")
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
