@@ -179,13 +179,21 @@ void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const
 }
 
 // The query-side arrays ([B, T, H, D]: q, out, ...) as tiles: per (b, h, block) the block's rows
-// transposed, [D, kBlock] (row stride kLd), lanes past T zero. Converting whole token rows (H*D contiguous) at a time
-// is a separate pass, so the work items read and write only contiguous tiles.
+// transposed, [D, kBlock] (row stride kLd), lanes past the block zero. Converting whole token rows
+// (H*D contiguous) at a time is a separate pass, so the work items read and write only contiguous
+// tiles. The T queries split into blocks of about equal size, in whole micro-kernel widths (16
+// lanes with AVX2) and at most kBlock: T = 136 runs as 48 + 48 + 40 rather than 64 + 64 + 8, whose
+// last block streamed every key for 8 queries (and summed dk, dv over 8 lanes).
 template <typename E>
 struct TileGrid {
-  int64_t B, T, H, D, nblocks;
-  explicit TileGrid(const AttentionShape& s)
-      : B(s.B), T(s.T), H(s.H), D(s.D), nblocks((s.T + kBlock - 1) / kBlock) {}
+  int64_t B, T, H, D, bs, nblocks;  // bs: queries per block (the last one may have fewer)
+  explicit TileGrid(const AttentionShape& s) : B(s.B), T(s.T), H(s.H), D(s.D) {
+    const int64_t width = simd::kTileVecs * kLanes<E>, even = (s.T + kBlock - 1) / kBlock;
+    bs = std::min(kBlock, ((s.T + even - 1) / even + width - 1) / width * width);
+    nblocks = (s.T + bs - 1) / bs;
+  }
+  int64_t start(int64_t blk) const { return blk * bs; }
+  int64_t count(int64_t blk) const { return std::min(bs, T - blk * bs); }
   int64_t tile_size() const { return D * kLd<E>; }
   int64_t size() const { return B * H * nblocks * tile_size(); }
   int64_t tile(int64_t b, int64_t h, int64_t blk) const { return ((b * H + h) * nblocks + blk) * tile_size(); }
@@ -196,8 +204,7 @@ template <typename T>
 void to_tiles(const TileGrid<T>& g, const T* a, T factor, T* tiles) {
 #pragma omp for schedule(static)
   for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
-    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, g.T - i0);
+    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = g.start(blk), n = g.count(blk);
     for (int64_t h = 0; h < g.H; ++h) {  // one tile at a time: its 16 KiB stay in L1
       T* t = tiles + g.tile(b, h, blk);
       for (int64_t d = 0; d < g.D; ++d) std::fill(t + d * kLd<T> + n, t + (d + 1) * kLd<T>, T(0));
@@ -211,11 +218,10 @@ template <typename T>
 void from_tiles(const TileGrid<T>& g, const T* tiles, T* a) {
 #pragma omp for schedule(static)
   for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
-    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = blk * kBlock;
+    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = g.start(blk);
     for (int64_t h = 0; h < g.H; ++h) {
       const T* t = tiles + g.tile(b, h, blk);
-      simd::transpose(t, kLd<T>, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D,
-                      std::min(kBlock, g.T - i0), T(1));
+      simd::transpose(t, kLd<T>, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D, g.count(blk), T(1));
     }
   }
 }
@@ -447,10 +453,10 @@ template <typename T>
 void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T* k, const T* v,
                                    const T* prefix_k, const T* prefix_v,
                                    const uint8_t* key_padding_mask, T* out, T* lse) {
-  const int64_t nblocks = (s.T + kBlock - 1) / kBlock;
+  const TileGrid<T> grid(s);
+  const int64_t nblocks = grid.nblocks;
   const int64_t items = s.B * s.H * nblocks, group = s.H / s.Hkv, heads = s.B * s.Hkv;
   const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
-  const TileGrid<T> grid(s);
   // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D];
   // then the query tiles, which each item overwrites with its output.
   T* kp = workspace<T>(2 * heads * head_size + grid.size());
@@ -467,8 +473,8 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
       const int64_t b = item / (s.H * nblocks), h = item / nblocks % s.H, blk = item % nblocks;
       const int64_t bh = b * s.Hkv + h / group;
       const Heads<T> hd(s, b, h / group, k, v, prefix_k, prefix_v, key_padding_mask);
-      forward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, blk * kBlock,
-                    std::min(kBlock, s.T - blk * kBlock), tiles + grid.tile(b, h, blk), lse);
+      forward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, grid.start(blk),
+                    grid.count(blk), tiles + grid.tile(b, h, blk), lse);
     }
     from_tiles(grid, tiles, out);
   }
@@ -514,9 +520,9 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
       std::fill(w.dv.begin(), w.dv.end(), T(0));
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t blk = 0; blk < grid.nblocks; ++blk) {
-          const int64_t i0 = blk * kBlock, tile = grid.tile(b, h, blk);
+          const int64_t i0 = grid.start(blk), tile = grid.tile(b, h, blk);
           backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0,
-                         std::min(kBlock, s.T - i0), qtiles + tile, dotiles + tile,
+                         grid.count(blk), qtiles + tile, dotiles + tile,
                          delta + (b * s.H + h) * s.T + i0, lse);
         }
       // Accumulator rows [prefix | input] x Dl -> the outputs' D columns.
