@@ -212,7 +212,7 @@ def sweep_runners(torch, draw, rng):
     return run_ours, run_torch
 
 
-def bench_sweep(torch, n, threads):
+def bench_sweep(torch, n, threads, rounds=3):
     """The worst and best ratio (torch time / ours, fwd+bwd) over the draws and the corner cases."""
     rng = np.random.default_rng(1)
     rows = []
@@ -221,7 +221,7 @@ def bench_sweep(torch, n, threads):
     for kind, draw in [("draw", d) for d in sweep_draws(n)] + [("corner", d) for d in CORNERS]:
         run_ours, run_torch = sweep_runners(torch, draw, rng)
         t_torch, t_ours = [], []
-        for _ in range(3):  # alternate, so a noisy moment hits both sides
+        for _ in range(rounds):  # alternate, so a noisy moment hits both sides
             t_ours.append(median_seconds(run_ours, min_time=0.15, min_reps=3))
             t_torch.append(median_seconds(run_torch, min_time=0.15, min_reps=3))
         ours_ms, torch_ms = min(t_ours) * 1e3, min(t_torch) * 1e3
@@ -420,6 +420,7 @@ def main(argv=None):
     parser.add_argument("--busy", action="store_true",
                         help="the attention shapes quiet and with a spin loop pinned to CPU 1 (another process), "
                              "alternating, both sides; writes bench/results/ops_busy.json")
+    parser.add_argument("--rounds", type=int, default=5, help="--sweep: alternations per problem (the best of each side)")
     parser.add_argument("--sweep", type=int, default=0, metavar="N",
                         help="only the attention sweep: N seeded random shapes and the corner cases against torch, "
                              "fwd+bwd, at the last --threads; writes bench/results/ops_sweep.json")
@@ -459,7 +460,7 @@ def main(argv=None):
             print("the sweep compares with torch: pip install torch==2.13.0")
             return 1
         set_threads(thread_counts[-1], torch)
-        rows = bench_sweep(torch, args.sweep, thread_counts[-1])
+        rows = bench_sweep(torch, args.sweep, thread_counts[-1], args.rounds)
         out = Path(args.out).with_name("ops_sweep.json") if args.out == str(RESULTS / "ops.json") else Path(args.out)
         write_json(out, {"machine": info, "sweep": rows})
         print(f"wrote {out}")
