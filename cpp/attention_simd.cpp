@@ -147,7 +147,8 @@ int group_rows(const Lanes* vl, int64_t rows, int64_t nv, RowRange* out) {
 }
 
 // Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
-// [B*Hkv, P+S, Dl] with Dl = padded_row(D) (the padding is never read). The input is read in memory order (token rows of Hkv*D), so the reads stream;
+// [B*Hkv, P+S, Dl] with Dl = padded_row(D) (the padding is never read). The input is read in
+// memory order (token rows of Hkv*D), so the reads stream;
 // gathering one head's rows directly (Hkv*D apart) missed the TLB on every row. Call inside a
 // parallel region; ends without a barrier.
 template <typename T>
@@ -387,8 +388,10 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
     for (int g = 0; g < groups; ++g) {
       const int64_t w0 = g * G, W = std::min<int64_t>(G, nv - w0), g0 = rr[g].begin, gn = rr[g].size();
       if (!gn) continue;
-      simd::matmul<T>(gn, W, s.D, kc + g0 * Dl, Dl, 1, qtile + w0 * L, kLd<T>, p + g0 * kLd<T> + w0 * L, kLd<T>, false);
-      simd::matmul<T>(gn, W, s.D, vc + g0 * Dl, Dl, 1, dotile + w0 * L, kLd<T>, ds + g0 * kLd<T> + w0 * L, kLd<T>, false);
+      simd::matmul<T>(gn, W, s.D, kc + g0 * Dl, Dl, 1, qtile + w0 * L, kLd<T>, p + g0 * kLd<T> + w0 * L,
+                      kLd<T>, false);
+      simd::matmul<T>(gn, W, s.D, vc + g0 * Dl, Dl, 1, dotile + w0 * L, kLd<T>, ds + g0 * kLd<T> + w0 * L,
+                      kLd<T>, false);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const Lanes vl = vls[r];
