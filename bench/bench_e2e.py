@@ -61,10 +61,11 @@ def timed(fn, warmup, steps):
 # --------------------------------------------------------------------------- softprompt
 def run_ours(args):
     import softprompt
-    from softprompt import losses
+    from softprompt import _core, losses
     from softprompt.train import AdamW
 
     softprompt.set_num_threads(args.threads)
+    softprompt.set_adaptive_threads(args.side != "fixed")
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
@@ -97,8 +98,9 @@ def run_ours(args):
         hidden = model.forward(eval_ids, adapter=adapter)
         return losses.label_word_logits(model, hidden, np.full(EVAL_BATCH, LENGTH - 1), label_ids)
 
+    free = _core.free_cores()  # the cores the team saw free at the last step
     _, eval_times = timed(infer, 1, max(2, args.steps // 2))
-    return {"loss0": loss0, "step_s": times, "eval_s": eval_times, "rss_model_mb": rss_model}
+    return {"loss0": loss0, "step_s": times, "eval_s": eval_times, "rss_model_mb": rss_model, "free_cores": free}
 
 
 def _adapter(model, method):
@@ -163,7 +165,7 @@ def run_peft(args):
 
 # --------------------------------------------------------------------------- driver
 def child(args):
-    result = (run_ours if args.side == "ours" else run_peft)(args)
+    result = (run_peft if args.side == "peft" else run_ours)(args)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result))
 
@@ -182,7 +184,7 @@ def pool(results):
     """One side's repeated runs as one: all timed steps, the largest peak RSS, the first loss."""
     return {"loss0": results[0]["loss0"], "step_s": [t for r in results for t in r["step_s"]],
             "eval_s": [t for r in results for t in r["eval_s"]], "rss_model_mb": max(r["rss_model_mb"] for r in results),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results)}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results), "free_cores": [r.get("free_cores") for r in results]}
 
 
 def have_peft():
@@ -194,8 +196,11 @@ def have_peft():
 def summarize(r):
     step = statistics.median(r["step_s"])
     ev = statistics.median(r["eval_s"])
-    return {"step_s": step, "best_step_s": min(r["step_s"]), "tokens_per_s": BATCH * LENGTH / step, "eval_tokens_per_s": EVAL_BATCH * LENGTH / ev,
-            "peak_rss_mb": r["peak_rss_mb"], "rss_model_mb": r["rss_model_mb"], "loss0": r["loss0"]}
+    out = {"step_s": step, "best_step_s": min(r["step_s"]), "tokens_per_s": BATCH * LENGTH / step, "eval_tokens_per_s": EVAL_BATCH * LENGTH / ev,
+           "peak_rss_mb": r["peak_rss_mb"], "rss_model_mb": r["rss_model_mb"], "loss0": r["loss0"]}
+    if any(f is not None for f in r["free_cores"]):
+        out["free_cores"] = r["free_cores"]
+    return out
 
 
 def main():
@@ -211,7 +216,7 @@ def main():
                     "while every step runs (both sides); writes bench/results/e2e_busy.json")
     ap.add_argument("--weights", choices=["quantized", "float"], default="quantized",
                     help="ours: keep the GGUF's Q4_1 layers quantized (default) or expand them to float32")
-    ap.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "fixed", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--loss", help=argparse.SUPPRESS)
     ap.add_argument("--adapter-dir", help=argparse.SUPPRESS)
@@ -233,17 +238,20 @@ def main():
         for loss in args.losses.split(","):
             # The sides alternate (ours, PEFT, ours, PEFT, ...) and their steps are pooled, so a slow
             # minute of a shared machine does not land on one side only.
-            runs = {"ours": [], "peft": []}
+            # Busy: "fixed" is ours with the thread team's adaptation to the load turned off.
+            runs = {"ours": [], "fixed": [], "peft": []}
             with tempfile.TemporaryDirectory() as tmp, busy_core(enabled=args.busy):
                 for _ in range(args.repeats):
                     runs["ours"].append(spawn("ours", method, loss, args, tmp))
+                    if args.busy:
+                        runs["fixed"].append(spawn("fixed", method, loss, args, tmp))
                     if peft:
                         runs["peft"].append(spawn("peft", method, loss, args, tmp))
             row = {"method": method, "loss": loss}
             for side, results in runs.items():
                 if results:
                     row[side] = summarize(pool(results))
-            for side in ("ours", "peft"):
+            for side in ("ours", "fixed", "peft"):
                 if side in row:
                     s = row[side]
                     print(f"{method:7} {loss:6} {side:9} {s['step_s']:7.3f} {s['best_step_s']:7.3f} {s['tokens_per_s']:7.0f} "

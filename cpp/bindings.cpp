@@ -408,6 +408,10 @@ PYBIND11_MODULE(_core, m) {
     set_num_threads(n);
   }, py::arg("n"));
   m.def("get_num_threads", &num_threads);
+  m.def("set_adaptive_threads", &set_adaptive_threads, py::arg("enabled"));
+  m.def("get_adaptive_threads", &adaptive_threads);
+  m.def("threads_for", &threads_for, py::arg("work"));  // for tests: the team size a call of `work` flops gets
+  m.def("free_cores", &free_cores);
   m.def("has_openmp", &has_openmp);
   // Which attention implementation runs: "simd" (default where built) or "eigen". For tests and
   // benchmarks; both compute the same thing.

@@ -105,3 +105,61 @@ def test_the_backend_switch_is_per_thread(rng):
     assert seen == {"cpp": "cpp", "numpy": "numpy"} and ops.get_backend() == "cpp"
     for name in ("cpp", "numpy"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture
+def restore_adaptive():
+    on = softprompt.get_adaptive_threads()
+    yield
+    softprompt.set_adaptive_threads(on)
+
+
+def test_set_and_get_adaptive_threads(restore_adaptive):
+    assert softprompt.get_adaptive_threads() is True  # the default
+    softprompt.set_adaptive_threads(False)
+    assert softprompt.get_adaptive_threads() is False
+    with pytest.raises(TypeError, match="enabled: expected a bool, got int"):
+        softprompt.set_adaptive_threads(1)
+
+
+def _team_sizes(work, seconds):
+    """The team size a call of `work` flops gets, probed every 0.1 s for `seconds` (each probe is a
+    kernel call, which is when the load is sampled)."""
+    import time
+
+    from softprompt import _core
+
+    sizes = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sizes.append(_core.threads_for(work))
+        time.sleep(0.1)
+    return sizes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="load sampling reads /proc/stat; needs 2 CPUs to take one")
+@pytest.mark.skipif(not softprompt.has_openmp(), reason="built without OpenMP: always one thread")
+def test_fewer_threads_while_another_process_keeps_a_core_busy(restore_threads, restore_adaptive):
+    """Another process spinning on one of the CPUs: small calls drop to the cores left, large ones
+    keep the team; with adaptation off, or once the spinner stops, every call gets the team."""
+    from softprompt import _core
+
+    cpus = sorted(os.sched_getaffinity(0))
+    softprompt.set_num_threads(len(cpus))
+    assert _team_sizes(1e6, 0.5)[-1] == len(cpus)  # quiet: the whole team
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        sizes = _team_sizes(1e6, 1.5)
+        assert sizes[-1] == len(cpus) - 1, sizes  # one core taken
+        assert _core.free_cores() == len(cpus) - 1
+        assert _core.threads_for(1e9) == len(cpus)  # a long call still uses the loaded core's share
+        assert _core.threads_for(1e4) == 1  # a tiny call runs serially anyway
+        softprompt.set_adaptive_threads(False)
+        assert _core.threads_for(1e6) == len(cpus)
+        softprompt.set_adaptive_threads(True)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _team_sizes(1e6, 1.0)[-1] == len(cpus)

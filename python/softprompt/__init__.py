@@ -21,7 +21,13 @@ from . import ops, reference  # noqa: E402, F401
 from .adapters import PrefixProjection, PrefixTuning, PromptTuning  # noqa: E402
 from .generate import generate  # noqa: E402
 from .models import load_model  # noqa: E402
-from .ops import get_num_threads, has_openmp, set_num_threads  # noqa: E402
+from .ops import (  # noqa: E402
+    get_adaptive_threads,
+    get_num_threads,
+    has_openmp,
+    set_adaptive_threads,
+    set_num_threads,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,6 +40,8 @@ __all__ = [
     "generate",
     "set_num_threads",
     "get_num_threads",
+    "set_adaptive_threads",
+    "get_adaptive_threads",
     "has_openmp",
     "__version__",
 ]
