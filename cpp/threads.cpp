@@ -2,15 +2,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #ifdef __linux__
+#include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -31,50 +32,59 @@ std::atomic<int> g_threads{initial_threads()};
 constexpr double kSerialWork = 2e5;  // below ~0.2 Mflop one thread beats waking the (spinning) team
 
 // ---- Cores that other processes keep busy (Linux; elsewhere none are ever counted).
-// Every kSampleSeconds, the first kernel call after the interval compares /proc/stat's busy time
-// of the CPUs this process may run on (user + nice + system + irq + softirq; not steal, which no
-// thread count can avoid) with this process's own CPU time (getrusage, all threads) over the
-// interval: the difference, per second, is the cores other processes used. A core counts as taken
-// when they used more than half of one.
+// Every kSampleSeconds, the first call that may adapt compares /proc/stat's busy time of the CPUs
+// this process may run on (user + nice + system + irq + softirq; not steal, which no thread count
+// can avoid) with this process's own CPU time (getrusage, all threads) over the interval: the
+// difference, per second, is the cores other processes used, rounded to whole cores ("taken").
 constexpr double kSampleSeconds = 0.2;
+constexpr double kMaxInterval = 2.0;  // a longer gap (an idle process) starts a new baseline
 // Calls of at least this many flops (~3 ms on one core) still use every thread: their dynamic work
 // items take the share of time a loaded core leaves, which outweighs the waits at barriers.
 constexpr double kShareWork = 3e8;
 std::atomic<bool> g_adaptive{true};
-std::atomic<int> g_taken{0};  // cores other processes took in the last interval
-std::atomic<int> g_allowed{0};  // CPUs in this process's affinity mask at the last sample
-std::mutex g_sample_mutex;
-double g_last_wall = -1, g_last_busy = 0, g_last_self = 0;
+std::atomic<int> g_taken{0};    // cores other processes took in the last interval
+std::atomic<int> g_allowed{0};  // CPUs counted at the last sample (0: never sampled)
+std::atomic<bool> g_sampling{false};  // one sampler at a time; the others go on without waiting
+
+struct Baseline {
+  double wall = -1, busy = 0, self = 0;
+  int pid = 0;
+  uint64_t cpus = 0;  // a hash of the CPU set the busy time was summed over
+};
+Baseline g_base;  // guarded by g_sampling
 
 double wall_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 #ifdef __linux__
-// Busy seconds of the CPUs in `mask` since boot, from /proc/stat's "cpuN" lines; false if unreadable.
-bool cpu_busy_seconds(const cpu_set_t& mask, double* busy) {
+// Busy seconds since boot of the CPUs in `mask` (every CPU if mask is null), from /proc/stat's
+// "cpuN" lines; the CPUs counted in *count and a hash of their set in *cpus. False if unreadable.
+bool cpu_busy_seconds(const cpu_set_t* mask, double* busy, int* count, uint64_t* cpus) {
   FILE* f = std::fopen("/proc/stat", "r");
   if (!f) return false;
   char line[512];
   unsigned long long total = 0;
-  bool any = false;
+  *count = 0, *cpus = 0;
   while (std::fgets(line, sizeof line, f)) {
     if (std::strncmp(line, "cpu", 3) != 0) {
-      if (any) break;  // the cpuN lines are contiguous
+      if (*count) break;  // the cpuN lines are contiguous
       continue;
     }
-    int cpu;
+    if (!std::isdigit(static_cast<unsigned char>(line[3]))) continue;  // the "cpu " total line
+    long cpu;
     unsigned long long user, nice, system, idle, iowait, irq, softirq;
-    if (std::sscanf(line, "cpu%d %llu %llu %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle, &iowait,
-                    &irq, &softirq) != 8)
-      continue;  // the aggregate "cpu " line
-    any = true;
-    if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &mask)) total += user + nice + system + irq + softirq;
+    if (std::sscanf(line + 3, "%ld %llu %llu %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle,
+                    &iowait, &irq, &softirq) != 8)
+      continue;
+    if (mask && (cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, mask))) continue;
+    total += user + nice + system + irq + softirq;
+    ++*count;
+    *cpus = *cpus * 1000003u + uint64_t(cpu) + 1;
   }
   std::fclose(f);
-  if (!any) return false;
   *busy = double(total) / double(sysconf(_SC_CLK_TCK));
-  return true;
+  return *count > 0;
 }
 
 double self_cpu_seconds() {
@@ -84,27 +94,47 @@ double self_cpu_seconds() {
   return s(u.ru_utime) + s(u.ru_stime);
 }
 
-void sample() {
-  std::unique_lock<std::mutex> lock(g_sample_mutex, std::try_to_lock);
-  if (!lock.owns_lock()) return;  // another thread is sampling
+void sample_locked() {
   const double wall = wall_seconds();
-  if (g_last_wall >= 0 && wall - g_last_wall < kSampleSeconds) return;
+  Baseline& base = g_base;
+  if (base.wall >= 0 && wall - base.wall < kSampleSeconds && base.pid == getpid()) return;
+  // The calling thread's mask: the process's, unless OpenMP (OMP_PROC_BIND) or the caller pinned
+  // this thread to fewer CPUs than the team, when it says nothing of where the team runs: then
+  // every CPU counts.
   cpu_set_t mask;
   CPU_ZERO(&mask);
+  const bool own = sched_getaffinity(0, sizeof mask, &mask) == 0 && CPU_COUNT(&mask) >= num_threads();
   double busy;
-  if (sched_getaffinity(0, sizeof mask, &mask) != 0 || !cpu_busy_seconds(mask, &busy)) {
+  int count;
+  uint64_t cpus;
+  if (!cpu_busy_seconds(own ? &mask : nullptr, &busy, &count, &cpus)) {
     g_taken.store(0, std::memory_order_relaxed);
-    g_last_wall = wall;
+    g_allowed.store(0, std::memory_order_relaxed);
+    base.wall = -1;
     return;
   }
   const double self = self_cpu_seconds();
-  if (g_last_wall >= 0) {
-    const double others = ((busy - g_last_busy) - (self - g_last_self)) / (wall - g_last_wall);
+  // A new baseline after a fork (getrusage restarts), a changed CPU set, or a long gap.
+  const bool fresh = base.wall >= 0 && base.pid == getpid() && base.cpus == cpus && wall - base.wall <= kMaxInterval;
+  if (fresh) {
+    const double others = ((busy - base.busy) - (self - base.self)) / (wall - base.wall);
     g_taken.store(std::max(0, int(std::floor(others + 0.5))), std::memory_order_relaxed);
   }
-  g_allowed.store(CPU_COUNT(&mask), std::memory_order_relaxed);
-  g_last_wall = wall, g_last_busy = busy, g_last_self = self;
+  g_allowed.store(count, std::memory_order_relaxed);
+  base = {wall, busy, self, int(getpid()), cpus};
 }
+
+void sample() {
+  bool expected = false;
+  if (!g_sampling.compare_exchange_strong(expected, true, std::memory_order_acquire)) return;
+  sample_locked();
+  g_sampling.store(false, std::memory_order_release);
+}
+// A child forked while another thread sampled would keep the flag set, and never sample again.
+const int g_atfork = pthread_atfork(nullptr, nullptr, [] {
+  g_sampling.store(false);
+  g_base = Baseline{};
+});
 #else
 void sample() {}
 #endif
@@ -120,6 +150,13 @@ int free_cores() {
   return allowed ? std::max(1, allowed - g_taken.load(std::memory_order_relaxed)) : num_threads();
 }
 
+// The team for a call that may adapt: every thread while no core is taken (also more threads than
+// CPUs, if that was asked for), else no more than the cores left.
+int adapted(int n) {
+  sample();
+  return g_taken.load(std::memory_order_relaxed) ? std::min(n, free_cores()) : n;
+}
+
 bool has_openmp() {
 #ifdef _OPENMP
   return true;
@@ -132,8 +169,7 @@ int threads_for(double work) {
   if (work < kSerialWork) return 1;
   const int n = num_threads();
   if (n == 1 || work >= kShareWork || !g_adaptive.load(std::memory_order_relaxed)) return n;
-  sample();
-  return std::min(n, free_cores());
+  return adapted(n);
 }
 
 }  // namespace softprompt

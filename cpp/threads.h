@@ -15,13 +15,14 @@ bool has_openmp();
 // barrier waits for it. Results do not depend on the thread count.
 void set_adaptive_threads(bool on);
 bool adaptive_threads();
-// The CPUs this process may use minus those other processes kept busy over the last sample
-// (at least 1; num_threads() before the first sample or where /proc/stat is unreadable).
+// The CPUs this process may use minus the cores other processes kept busy over the last sample
+// (at least 1; num_threads() before the first sample, off Linux, or where /proc/stat is unreadable).
 int free_cores();
 
 // Threads to use for `work` units of roughly one flop each: small problems run serially, since
-// waking a team costs more than it gives below this size; otherwise num_threads(), or fewer with
-// adaptive threads while other processes take cores.
+// waking a team costs more than it gives below this size; otherwise num_threads(), or, with
+// adaptive threads, no more than free_cores() for calls under ~0.3 GFLOP while other processes
+// take cores.
 int threads_for(double work);
 
 }  // namespace softprompt

@@ -72,6 +72,19 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def fixed_threads():
+    """Every test runs on the thread count it sets, whatever else keeps this machine's cores busy:
+    adaptive threads (on by default) would turn a 2-thread run into a 1-thread one under load, and
+    the tests that compare thread counts would compare a count with itself. tests/test_threads.py
+    turns adaptation back on where it tests it."""
+    import softprompt
+
+    softprompt.set_adaptive_threads(False)
+    yield
+    softprompt.set_adaptive_threads(True)
+
+
 KERNELS = ["simd", "eigen"]
 
 

@@ -107,15 +107,15 @@ def test_the_backend_switch_is_per_thread(rng):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-@pytest.fixture
-def restore_adaptive():
-    on = softprompt.get_adaptive_threads()
-    yield
-    softprompt.set_adaptive_threads(on)
+def test_adaptive_threads_are_on_by_default():
+    out = subprocess.run([sys.executable, "-c", "import softprompt; print(softprompt.get_adaptive_threads())"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
-def test_set_and_get_adaptive_threads(restore_adaptive):
-    assert softprompt.get_adaptive_threads() is True  # the default
+def test_set_and_get_adaptive_threads():
+    softprompt.set_adaptive_threads(True)
+    assert softprompt.get_adaptive_threads() is True
     softprompt.set_adaptive_threads(False)
     assert softprompt.get_adaptive_threads() is False
     with pytest.raises(TypeError, match="enabled: expected a bool, got int"):
@@ -140,20 +140,23 @@ def _team_sizes(work, seconds):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="load sampling reads /proc/stat; needs 2 CPUs to take one")
 @pytest.mark.skipif(not softprompt.has_openmp(), reason="built without OpenMP: always one thread")
-def test_fewer_threads_while_another_process_keeps_a_core_busy(restore_threads, restore_adaptive):
+def test_fewer_threads_while_another_process_keeps_a_core_busy(restore_threads):
     """Another process spinning on one of the CPUs: small calls drop to the cores left, large ones
     keep the team; with adaptation off, or once the spinner stops, every call gets the team."""
     from softprompt import _core
 
     cpus = sorted(os.sched_getaffinity(0))
     softprompt.set_num_threads(len(cpus))
-    assert _team_sizes(1e6, 0.5)[-1] == len(cpus)  # quiet: the whole team
+    softprompt.set_adaptive_threads(True)
+    before = _team_sizes(1e6, 0.5)[-1]
+    if before < len(cpus):  # not this test's doing: say so rather than fail on a shared host
+        pytest.skip(f"other processes already keep {len(cpus) - before} of {len(cpus)} CPUs busy")
     spin = f"import os\nos.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True:\n    pass\n"
     proc = subprocess.Popen([sys.executable, "-c", spin])
     try:
         sizes = _team_sizes(1e6, 1.5)
-        assert sizes[-1] == len(cpus) - 1, sizes  # one core taken
-        assert _core.free_cores() == len(cpus) - 1
+        assert sizes[-1] <= len(cpus) - 1, sizes  # at least the spinner's core is taken
+        assert _core.free_cores() <= len(cpus) - 1
         assert _core.threads_for(1e9) == len(cpus)  # a long call still uses the loaded core's share
         assert _core.threads_for(1e4) == 1  # a tiny call runs serially anyway
         softprompt.set_adaptive_threads(False)
@@ -162,4 +165,9 @@ def test_fewer_threads_while_another_process_keeps_a_core_busy(restore_threads, 
     finally:
         proc.kill()
         proc.wait()
-    assert _team_sizes(1e6, 1.0)[-1] == len(cpus)
+    # The spinner gone, the whole team comes back (within a few samples: polled, not at one instant).
+    assert len(cpus) in _team_sizes(1e6, 2.0)
+    # More threads than CPUs, when asked for, while nothing else runs: adaptation only takes
+    # threads away for cores other processes use.
+    softprompt.set_num_threads(len(cpus) + 1)
+    assert len(cpus) + 1 in _team_sizes(1e6, 1.0)

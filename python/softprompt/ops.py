@@ -451,13 +451,14 @@ def get_num_threads() -> int:
 
 def set_adaptive_threads(enabled: bool) -> None:
     """Whether the C++ kernels use fewer than `get_num_threads()` threads while other processes
-    keep cores busy (default: on). Every 0.2 s the next kernel call compares the busy time of the
-    CPUs this process may run on (/proc/stat) with its own CPU time; a core that other processes
-    kept more than half busy is taken, and kernels run on the cores left (at least one). Measured
-    on 2 cores with a spin loop on one (bench/bench_ops.py --busy, bench/bench_e2e.py --busy): a
-    thread sharing its core gets part of a time slice and every barrier waits for it, so one
-    thread beat two. Results are bitwise the same on any thread count. Linux only (elsewhere
-    nothing is counted as taken). Process-wide."""
+    keep cores busy (default: on). Every 0.2 s, the next call under ~0.3 GFLOP compares the busy
+    time of the CPUs this process may run on (/proc/stat) with its own CPU time (getrusage); the
+    difference, rounded to whole cores, is taken, and calls under ~0.3 GFLOP run on the cores left
+    (at least one); longer calls keep every thread. Measured on 2 cores with a spin loop on one
+    (bench/bench_ops.py --busy, bench/bench_e2e.py --busy): a thread sharing its core gets part of a
+    time slice and every barrier waits for it, so short calls ran faster on one thread. Results are
+    bitwise the same on any thread count. Linux only (elsewhere nothing is counted as taken).
+    Process-wide."""
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     _core.set_adaptive_threads(bool(enabled))
