@@ -48,7 +48,6 @@ std::atomic<bool> g_sampling{false};  // one sampler at a time; the others go on
 
 struct Baseline {
   double wall = -1, busy = 0, self = 0;
-  int pid = 0;
   uint64_t cpus = 0;  // a hash of the CPU set the busy time was summed over
 };
 Baseline g_base;  // guarded by g_sampling
@@ -97,7 +96,7 @@ double self_cpu_seconds() {
 void sample_locked() {
   const double wall = wall_seconds();
   Baseline& base = g_base;
-  if (base.wall >= 0 && wall - base.wall < kSampleSeconds && base.pid == getpid()) return;
+  if (base.wall >= 0 && wall - base.wall < kSampleSeconds) return;
   // The calling thread's mask: the process's, unless OpenMP (OMP_PROC_BIND) or the caller pinned
   // this thread to fewer CPUs than the team, when it says nothing of where the team runs: then
   // every CPU counts.
@@ -114,14 +113,14 @@ void sample_locked() {
     return;
   }
   const double self = self_cpu_seconds();
-  // A new baseline after a fork (getrusage restarts), a changed CPU set, or a long gap.
-  const bool fresh = base.wall >= 0 && base.pid == getpid() && base.cpus == cpus && wall - base.wall <= kMaxInterval;
+  // A new baseline after a changed CPU set or a long gap (and after a fork: the handler below).
+  const bool fresh = base.wall >= 0 && base.cpus == cpus && wall - base.wall <= kMaxInterval;
   if (fresh) {
     const double others = ((busy - base.busy) - (self - base.self)) / (wall - base.wall);
     g_taken.store(std::max(0, int(std::floor(others + 0.5))), std::memory_order_relaxed);
   }
   g_allowed.store(count, std::memory_order_relaxed);
-  base = {wall, busy, self, int(getpid()), cpus};
+  base = {wall, busy, self, cpus};
 }
 
 void sample() {
@@ -130,7 +129,8 @@ void sample() {
   sample_locked();
   g_sampling.store(false, std::memory_order_release);
 }
-// A child forked while another thread sampled would keep the flag set, and never sample again.
+// In a forked child getrusage restarts from zero (a new baseline), and a flag set by a thread that
+// was sampling at the fork would stay set for good.
 const int g_atfork = pthread_atfork(nullptr, nullptr, [] {
   g_sampling.store(false);
   g_base = Baseline{};
