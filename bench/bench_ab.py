@@ -76,14 +76,26 @@ def main():
     ap.add_argument("b", help="folder with build B's _core*.so")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=6.0, help="time per problem, both builds together")
+    ap.add_argument("--attention", action="append", metavar="B,H,Hkv,T,D,P,causal",
+                    help="an attention problem instead of the default list (repeat for more; causal 0 or 1)")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM problems")
     args = ap.parse_args()
+    attention = ATTENTION
+    if args.attention:
+        try:
+            attention = [tuple(int(x) for x in a.split(",")) for a in args.attention]
+        except ValueError:
+            ap.error(f"--attention: expected 7 integers B,H,Hkv,T,D,P,causal, got {args.attention}")
+        if any(len(p) != 7 for p in attention):
+            ap.error(f"--attention: expected 7 integers B,H,Hkv,T,D,P,causal, got {args.attention}")
+        attention = [(*p[:6], bool(p[6])) for p in attention]
     cores = {"A": load_core("A", args.a), "B": load_core("B", args.b)}
     for core in cores.values():
         core.set_num_threads(args.threads)
         core.set_adaptive_threads(False)
     rng = np.random.default_rng(0)
-    problems = [(f"attention {p}", attention_call(p, rng)) for p in ATTENTION]
-    problems += [(f"gemm fwd+bwd {s}", gemm_call(s, rng)) for s in GEMM]
+    problems = [(f"attention {p}", attention_call(p, rng)) for p in attention]
+    problems += [] if args.no_gemm else [(f"gemm fwd+bwd {s}", gemm_call(s, rng)) for s in GEMM]
     print(f"{args.threads} threads, {args.seconds:g} s per problem; A / B above 1: B is faster")
     for name, run in problems:
         results = {tag: run(core) for tag, core in cores.items()}  # also the warm-up

@@ -483,6 +483,24 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
   }
 }
 
+// How many backward items share one (b, kv head): with few heads (B * Hkv small: batch 1, one
+// kv head) the (b, kv head) items alone left threads idle, (1, 4, 1, 427, 128) ran on one of two
+// cores. A head's (query head, block) pairs are then dealt round-robin to `splits` items (causal
+// blocks grow in cost along T), each with its own dk/dv rows, summed in split order at the end. The
+// count depends on the shape only, never on the thread count, so that the sums, and the results,
+// are the same bits whatever the threads; the partial rows are capped at about 64 MiB.
+constexpr int64_t kBackwardItems = 16;
+constexpr double kPartialBytes = 64.0 * (1 << 20);
+
+template <typename T>
+int64_t backward_splits(const AttentionShape& s, int64_t pairs) {
+  const int64_t heads = s.B * s.Hkv;
+  int64_t splits = std::min(pairs, (kBackwardItems + heads - 1) / heads);
+  const double per_item = 2.0 * double(s.P + s.S) * double(padded_row<T>(s.D)) * sizeof(T);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, int64_t(kPartialBytes / (per_item * heads))));
+  return std::max<int64_t>(splits, 1);
+}
+
 template <typename T>
 void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, const T* q,
                                     const T* k, const T* v, const T* prefix_k,
@@ -490,16 +508,29 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
                                     const T* out, const T* lse, T* dq, T* dk, T* dv,
                                     T* dprefix_k, T* dprefix_v) {
   const int64_t group = s.H / s.Hkv, kv_row = s.Hkv * s.D, heads = s.B * s.Hkv;
-  const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
+  const int64_t Dl = padded_row<T>(s.D), rows = s.P + s.S, head_size = rows * Dl;
   const TileGrid<T> grid(s);
-  // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles, and
-  // delta = rowsum(dout * out) [B, H, T].
-  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T);
+  const int64_t pairs = group * grid.nblocks, splits = backward_splits<T>(s, pairs);
+  const int64_t items = heads * splits;
+  // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles,
+  // delta = rowsum(dout * out) [B, H, T], and with splits > 1 each item's dk, dv rows.
+  const int64_t partial_size = splits > 1 ? items * 2 * head_size : 0;
+  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T + partial_size);
   T* vp = kp + heads * head_size;
   T* qtiles = vp + heads * head_size;
   T* dotiles = qtiles + grid.size();
   T* delta = dotiles + grid.size();
+  T* partial = delta + s.B * s.H * s.T;  // [items, 2 (dk, dv), P+S, Dl]
   PrefixGradient<T> dprefix(s, dprefix_k, dprefix_v);
+  // Accumulator rows [prefix | input] x Dl of (b, kv head) -> the outputs' D columns.
+  auto write_rows = [&](int64_t b, int64_t hk, int64_t r, const T* krow, const T* vrow) {
+    const int64_t koff = b * s.S * kv_row + hk * s.D;
+    const bool pre = r < s.P;
+    T* kdst = pre ? dprefix.key(b, hk) + r * kv_row : dk + koff + (r - s.P) * kv_row;
+    T* vdst = pre ? dprefix.value(b, hk) + r * kv_row : dv + koff + (r - s.P) * kv_row;
+    std::copy_n(krow, s.D, kdst);
+    std::copy_n(vrow, s.D, vdst);
+  };
   const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
@@ -516,27 +547,34 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
     to_tiles(grid, dout, T(1), dotiles);  // its barrier ends the packing above too
     BackwardScratch<T> w(s);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < heads; ++bh) {
-      const int64_t b = bh / s.Hkv, hk = bh % s.Hkv;
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t bh = item / splits, split = item % splits, b = bh / s.Hkv, hk = bh % s.Hkv;
       const Heads<T> hd(s, b, hk, k, v, prefix_k, prefix_v, key_padding_mask);
       std::fill(w.dk.begin(), w.dk.end(), T(0));
       std::fill(w.dv.begin(), w.dv.end(), T(0));
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (int64_t blk = 0; blk < grid.nblocks; ++blk) {
-          const int64_t i0 = grid.start(blk), tile = grid.tile(b, h, blk);
-          backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0,
-                         grid.count(blk), qtiles + tile, dotiles + tile,
-                         delta + (b * s.H + h) * s.T + i0, lse);
+      for (int64_t pair = split; pair < pairs; pair += splits) {
+        const int64_t h = hk * group + pair / grid.nblocks, blk = pair % grid.nblocks;
+        const int64_t i0 = grid.start(blk), tile = grid.tile(b, h, blk);
+        backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0, grid.count(blk),
+                       qtiles + tile, dotiles + tile, delta + (b * s.H + h) * s.T + i0, lse);
+      }
+      if (splits == 1) {
+        for (int64_t r = 0; r < rows; ++r) write_rows(b, hk, r, w.dk.data() + r * Dl, w.dv.data() + r * Dl);
+      } else {
+        std::copy_n(w.dk.data(), head_size, partial + 2 * item * head_size);
+        std::copy_n(w.dv.data(), head_size, partial + (2 * item + 1) * head_size);
+      }
+    }
+    if (splits > 1) {  // (the loop's barrier: every partial is written)
+#pragma omp for schedule(static)
+      for (int64_t br = 0; br < heads * rows; ++br) {
+        const int64_t bh = br / rows, r = br % rows;
+        T* sum = partial + 2 * bh * splits * head_size + r * Dl;  // split 0's row: dk, then dv
+        for (int64_t sp = 1; sp < splits; ++sp) {
+          const T* add = sum + 2 * sp * head_size;
+          for (int64_t e = 0; e < s.D; ++e) sum[e] += add[e], sum[head_size + e] += add[head_size + e];
         }
-      // Accumulator rows [prefix | input] x Dl -> the outputs' D columns.
-      const int64_t koff = b * s.S * kv_row + hk * s.D;
-      T *pk_rows = dprefix.key(b, hk), *pv_rows = dprefix.value(b, hk);
-      for (int64_t r = 0; r < s.P + s.S; ++r) {
-        const bool pre = r < s.P;
-        T* kdst = pre ? pk_rows + r * kv_row : dk + koff + (r - s.P) * kv_row;
-        T* vdst = pre ? pv_rows + r * kv_row : dv + koff + (r - s.P) * kv_row;
-        std::copy_n(w.dk.data() + r * w.Dl, s.D, kdst);
-        std::copy_n(w.dv.data() + r * w.Dl, s.D, vdst);
+        write_rows(bh / s.Hkv, bh % s.Hkv, r, sum, sum + head_size);
       }
     }
     from_tiles(grid, qtiles, dq);

@@ -20,6 +20,7 @@ SHAPES = [
     (2, 129, 129, 2, 1, 16, 10),
     (1, 9, 4, 2, 2, 8, 3),
     (1, 40, 1100, 2, 1, 9, 6),
+    (1, 300, 300, 4, 1, 20, 5),  # one kv head: the backward splits its 20 (head, block) pairs 16 ways
 ]
 
 
