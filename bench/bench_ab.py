@@ -8,7 +8,8 @@ show a 5% change. Here both modules are loaded into one process and called in tu
 for `--seconds` per problem, so a slow minute lands on both alike; prints the min and median time
 of each and their ratio (A / B above 1: B is faster), and whether both return the same bits.
 Problems: attention forward + backward (non-causal and causal, D = 64 to 256) and the float32 GEMM
-on SmolLM2's gate/up and down shapes at 512 rows. Adaptive threads are off in both (the team is
+on SmolLM2's gate/up and down shapes at 512 rows, or the attention problems given with
+--attention B,H,Hkv,T,D,P,causal[,softcap] (repeatable; --no-gemm leaves the GEMM out). Adaptive threads are off in both (the team is
 `--threads`). Writes nothing: it is a developer's check, the published tables come from the other
 scripts here.
 """
@@ -48,7 +49,8 @@ def load_core(tag, folder):
 
 
 def attention_call(problem, rng):
-    B, H, Hkv, T, D, P, causal = problem
+    B, H, Hkv, T, D, P, causal, *cap = problem
+    softcap = float(cap[0]) if cap else 0.0
     q = rng.standard_normal((B, T, H, D), dtype=np.float32)
     k, v = (rng.standard_normal((B, T, Hkv, D), dtype=np.float32) for _ in range(2))
     pk, pv = (rng.standard_normal((P, Hkv, D), dtype=np.float32) for _ in range(2))
@@ -56,8 +58,9 @@ def attention_call(problem, rng):
     scale = 1 / np.sqrt(D)
 
     def run(core):
-        out, lse = core.prefix_attention_forward(q, k, v, pk, pv, causal, None, scale)
-        return (out, lse, *core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, None, scale))
+        out, lse = core.prefix_attention_forward(q, k, v, pk, pv, causal, None, scale, 0, softcap)
+        return (out, lse, *core.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, causal, None, scale, 0,
+                                                          softcap))
 
     return run
 
@@ -76,19 +79,19 @@ def main():
     ap.add_argument("b", help="folder with build B's _core*.so")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=6.0, help="time per problem, both builds together")
-    ap.add_argument("--attention", action="append", metavar="B,H,Hkv,T,D,P,causal",
+    ap.add_argument("--attention", action="append", metavar="B,H,Hkv,T,D,P,causal[,softcap]",
                     help="an attention problem instead of the default list (repeat for more; causal 0 or 1)")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM problems")
     args = ap.parse_args()
     attention = ATTENTION
     if args.attention:
         try:
-            attention = [tuple(int(x) for x in a.split(",")) for a in args.attention]
+            attention = [tuple(float(x) for x in a.split(",")) for a in args.attention]
         except ValueError:
-            ap.error(f"--attention: expected 7 integers B,H,Hkv,T,D,P,causal, got {args.attention}")
-        if any(len(p) != 7 for p in attention):
-            ap.error(f"--attention: expected 7 integers B,H,Hkv,T,D,P,causal, got {args.attention}")
-        attention = [(*p[:6], bool(p[6])) for p in attention]
+            attention = []
+        if not attention or any(len(p) not in (7, 8) for p in attention):
+            ap.error(f"--attention: expected B,H,Hkv,T,D,P,causal[,softcap] (7 or 8 numbers), got {args.attention}")
+        attention = [(*(int(x) for x in p[:6]), bool(p[6]), *p[7:]) for p in attention]
     cores = {"A": load_core("A", args.a), "B": load_core("B", args.b)}
     for core in cores.values():
         core.set_num_threads(args.threads)
