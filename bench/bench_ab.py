@@ -9,7 +9,8 @@ for `--seconds` per problem, so a slow minute lands on both alike; prints the mi
 of each and their ratio (A / B above 1: B is faster), and whether both return the same bits.
 Problems: attention forward + backward (non-causal and causal, D = 64 to 256) and the float32 GEMM
 on SmolLM2's gate/up and down shapes at 512 rows, or the attention problems given with
---attention B,H,Hkv,T,D,P,causal[,softcap] (repeatable; --no-gemm leaves the GEMM out). Adaptive threads are off in both (the team is
+--attention B,H,Hkv,T,D,P,causal[,softcap] and --gemm rows,out,in (repeatable; --no-gemm leaves the
+GEMM out). Adaptive threads are off in both (the team is
 `--threads`). Writes nothing: it is a developer's check, the published tables come from the other
 scripts here.
 """
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=6.0, help="time per problem, both builds together")
     ap.add_argument("--attention", action="append", metavar="B,H,Hkv,T,D,P,causal[,softcap]",
                     help="an attention problem instead of the default list (repeat for more; causal 0 or 1)")
+    ap.add_argument("--gemm", action="append", metavar="rows,out,in",
+                    help="a GEMM problem (fwd + bwd) instead of the default two (repeat for more)")
     ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM problems")
     args = ap.parse_args()
     attention = ATTENTION
@@ -98,7 +101,15 @@ def main():
         core.set_adaptive_threads(False)
     rng = np.random.default_rng(0)
     problems = [(f"attention {p}", attention_call(p, rng)) for p in attention]
-    problems += [] if args.no_gemm else [(f"gemm fwd+bwd {s}", gemm_call(s, rng)) for s in GEMM]
+    gemm = GEMM
+    if args.gemm:
+        try:
+            gemm = [tuple(int(x) for x in g.split(",")) for g in args.gemm]
+        except ValueError:
+            gemm = []
+        if not gemm or any(len(g) != 3 for g in gemm):
+            ap.error(f"--gemm: expected rows,out,in (3 integers), got {args.gemm}")
+    problems += [] if args.no_gemm else [(f"gemm fwd+bwd {s}", gemm_call(s, rng)) for s in gemm]
     print(f"{args.threads} threads, {args.seconds:g} s per problem; A / B above 1: B is faster")
     for name, run in problems:
         results = {tag: run(core) for tag, core in cores.items()}  # also the warm-up
