@@ -48,11 +48,23 @@ void pack_transposed(const Weight& w, int64_t n0, int64_t width, int64_t k0, int
     simd::transpose<float>(src + j0 * lds, lds, dst + j0 * kc, kSlice, std::min(kSlice, width - j0), kc, 1.0f);
 }
 
-// The panel = rows [k0, k0 + kc) and columns [n0, n0 + width) of W, zero beyond width.
+// The panel = rows [k0, k0 + kc) and columns [n0, n0 + width) of W, zero beyond width. The walk
+// reads a short piece of each row (rows are hundreds of bytes apart), which the hardware prefetcher
+// left to miss: an LM head's panel (49,152 rows) waited on memory once per row. So each row's piece
+// is prefetched kAhead rows early.
+constexpr int64_t kAhead = 16;
 void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t kc, float* dst) {
   float row[kPanel];
   std::fill(row + width, row + kPanel, 0.0f);
+  const int64_t row_bytes = w.row_bytes(), be = block_elems(w.format), bb = block_bytes(w.format);
+  // bytes [first, first + span) of a row hold columns [n0, n0 + width) (k-quants: whole super-blocks)
+  const int64_t first = n0 / be * bb, span = ((n0 + width + be - 1) / be - n0 / be) * bb;
   for (int64_t k = 0; k < kc; ++k) {
+    if (k + kAhead < kc) {
+      const uint8_t* ahead = w.data + (k0 + k + kAhead) * row_bytes + first;
+      for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b);
+      __builtin_prefetch(ahead + span - 1);
+    }
     dequantize_row(w, k0 + k, n0, width, row);
     for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice) std::memcpy(dst + j0 * kc + k * kSlice, row + j0, kSlice * sizeof(float));
   }
