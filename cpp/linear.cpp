@@ -76,10 +76,17 @@ void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t k
 void panel_product(int64_t rows, int64_t kc, const float* a, int64_t lda, const float* panel, float* c,
                    int64_t ldc, bool accumulate) {
   constexpr int64_t R = simd::kTileRows;
-  for (int64_t m = 0; m < rows; m += R)
+  constexpr int V = simd::kTileVecs;
+  int64_t m = 0;
+  for (; m + R <= rows; m += R)  // whole tiles straight to the micro-kernel (no dispatch per tile)
+    for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice) {
+      if (accumulate) simd::tile<float, R, V, true>(kc, a + m * lda, lda, 1, panel + j0 * kc, kSlice, c + m * ldc + j0, ldc);
+      else simd::tile<float, R, V, false>(kc, a + m * lda, lda, 1, panel + j0 * kc, kSlice, c + m * ldc + j0, ldc);
+    }
+  if (m < rows)
     for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice)
-      simd::matmul<float>(std::min(R, rows - m), simd::kTileVecs, kc, a + m * lda, lda, 1, panel + j0 * kc, kSlice,
-                          c + m * ldc + j0, ldc, accumulate);
+      simd::matmul<float>(rows - m, V, kc, a + m * lda, lda, 1, panel + j0 * kc, kSlice, c + m * ldc + j0, ldc,
+                          accumulate);
 }
 
 // C[M, N] = A[M, K] B[K, N] (+ bias [N]); pack(n0, width, k0, kc, dst, scratch) fills a [kc, 64]
