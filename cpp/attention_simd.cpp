@@ -8,11 +8,14 @@
 // for the backward.
 //
 // Work items and determinism are as in the Eigen variant (prefix_attention.cpp): forward items are
-// (b, h, query block); backward items are (b, kv head), each owning its dk/dv rows and its dq rows;
-// a shared prefix's gradient goes to one slot per batch row, summed in batch order at the end.
+// (b, h, query block); backward items are (b, kv head), each owning its dk/dv rows and its dq rows
+// (or, with few heads, a share of a (b, kv head)'s query blocks with dk/dv rows of its own, summed in
+// a fixed order: backward_splits); a shared prefix's gradient goes to one slot per batch row, summed
+// in batch order at the end.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "prefix_attention.h"
@@ -491,9 +494,10 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
 // gradients are then the same bits whatever rows come with it (data-parallel ranks split a batch)
 // and whatever the team. It aims at kRowItems items per batch row, each with at least kItemPairs
 // pairs (an item's dk/dv rows cost a zeroing, a copy and a sum: one pair each made SmolLM2's
-// (8, 9, 3, 64) backward 15% slower), within kRowPartialBytes of partial rows per batch row.
+// (8, 9, 3, 64) backward 15% slower), within kRowPartialBytes of partial rows per batch row (a
+// call's own buffer, freed when it returns: up to B MiB while it runs).
 constexpr int64_t kRowItems = 16, kItemPairs = 4;
-constexpr double kRowPartialBytes = 2.0 * (1 << 20);
+constexpr double kRowPartialBytes = 1 << 20;
 
 template <typename T>
 int64_t backward_splits(const AttentionShape& s, int64_t pairs) {
@@ -514,14 +518,17 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const int64_t pairs = group * grid.nblocks, splits = backward_splits<T>(s, pairs);
   const int64_t items = heads * splits;
   // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles,
-  // delta = rowsum(dout * out) [B, H, T], and with splits > 1 each item's dk, dv rows.
-  const int64_t partial_size = splits > 1 ? items * 2 * head_size : 0;
-  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T + partial_size);
+  // delta = rowsum(dout * out) [B, H, T].
+  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T);
   T* vp = kp + heads * head_size;
   T* qtiles = vp + heads * head_size;
   T* dotiles = qtiles + grid.size();
   T* delta = dotiles + grid.size();
-  T* partial = delta + s.B * s.H * s.T;  // [items, 2 (dk, dv), P+S, Dl]
+  // With splits > 1, each item's dk, dv rows [items, 2, P+S, Dl] (every item writes all of its own
+  // before the sum reads them, so no zero-fill), in a buffer of this call only: the workspace would
+  // keep its size for the life of the thread.
+  std::unique_ptr<T[]> partial_rows(splits > 1 ? new T[size_t(items * 2 * head_size)] : nullptr);
+  T* partial = partial_rows.get();
   PrefixGradient<T> dprefix(s, dprefix_k, dprefix_v);
   // Accumulator rows [prefix | input] x Dl of (b, kv head) -> the outputs' D columns.
   auto write_rows = [&](int64_t b, int64_t hk, int64_t r, const T* krow, const T* vrow) {
