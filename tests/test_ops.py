@@ -154,15 +154,14 @@ def test_a_rows_gradients_do_not_depend_on_the_other_rows(rng, kernel, dtype, ca
     # items. Data-parallel ranks take different rows of a batch and must get each row's bits.
     q, k, v, pk, pv, m = make_problem(rng, 3, 300, 300, 4, 1, 20, 5, dtype=dtype, per_row=True, mask="random")
     dout = rng.standard_normal(q.shape).astype(dtype)
-    kw = dict(causal=causal)
+    kw = {"causal": causal}
     out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask=m, **kw)
     whole = ops.prefix_attention_backward(dout, q, k, v, pk, pv, out, lse, key_padding_mask=m, **kw)
     for b in range(3):
-        one = lambda a: np.ascontiguousarray(a[b:b + 1])  # noqa: E731
-        o1, l1 = ops.prefix_attention_forward(one(q), one(k), one(v), one(pk), one(pv), key_padding_mask=one(m), **kw)
+        q1, k1, v1, pk1, pv1, m1, dout1 = (np.ascontiguousarray(a[b:b + 1]) for a in (q, k, v, pk, pv, m, dout))
+        o1, l1 = ops.prefix_attention_forward(q1, k1, v1, pk1, pv1, key_padding_mask=m1, **kw)
         np.testing.assert_array_equal(o1, out[b:b + 1])
-        alone = ops.prefix_attention_backward(one(dout), one(q), one(k), one(v), one(pk), one(pv), o1, l1,
-                                              key_padding_mask=one(m), **kw)
+        alone = ops.prefix_attention_backward(dout1, q1, k1, v1, pk1, pv1, o1, l1, key_padding_mask=m1, **kw)
         for a, w in zip(alone, whole):
             np.testing.assert_array_equal(a, w[b:b + 1])
 
