@@ -183,11 +183,12 @@ void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const
 }
 
 // The query-side arrays ([B, T, H, D]: q, out, ...) as tiles: per (b, h, block) the block's rows
-// transposed, [D, kBlock] (row stride kLd), lanes past the block zero. Converting whole token rows
-// (H*D contiguous) at a time is a separate pass, so the work items read and write only contiguous
-// tiles. The T queries split into blocks of about equal size, in whole micro-kernel widths (16
-// lanes with AVX2) and at most kBlock: T = 136 runs as 48 + 48 + 40 rather than 64 + 64 + 8, whose
-// last block streamed every key for 8 queries (and summed dk, dv over 8 lanes).
+// transposed, [D, kBlock] (row stride kLd), lanes past the block zero. The T queries split into
+// blocks of about equal size, in whole micro-kernel widths (16 lanes with AVX2) and at most kBlock:
+// T = 136 runs as 48 + 48 + 40 rather than 64 + 64 + 8, whose last block streamed every key for 8
+// queries (and summed dk, dv over 8 lanes). A work item moves its own block between the array and
+// a tile of its scratch (L1/L2): a grid of every tile, converted in passes of its own, went through
+// memory twice more (at T = 71, D = 96 its transposes took 14% of the forward).
 template <typename E>
 struct TileGrid {
   int64_t B, T, H, D, bs, nblocks;  // bs: queries per block (the last one may have fewer)
@@ -199,43 +200,30 @@ struct TileGrid {
   int64_t start(int64_t blk) const { return blk * bs; }
   int64_t count(int64_t blk) const { return std::min(bs, T - blk * bs); }
   int64_t tile_size() const { return D * kLd<E>; }
-  int64_t size() const { return B * H * nblocks * tile_size(); }
-  int64_t tile(int64_t b, int64_t h, int64_t blk) const { return ((b * H + h) * nblocks + blk) * tile_size(); }
+  // The block's first row in a [B, T, H, D] array.
+  int64_t row(int64_t b, int64_t h, int64_t blk) const { return ((b * T + start(blk)) * H + h) * D; }
+
+  // tile [D, kLd] = factor * the block's rows of a, transposed; the lanes up to the next whole
+  // vector after the block are zero (the micro-kernels read whole vectors).
+  void load(const E* a, int64_t b, int64_t h, int64_t blk, E factor, E* tile) const {
+    const int64_t n = count(blk), end = std::min(kBlock, (n + kLanes<E> - 1) / kLanes<E> * kLanes<E>);
+    if (end > n)
+      for (int64_t d = 0; d < D; ++d) std::fill(tile + d * kLd<E> + n, tile + d * kLd<E> + end, E(0));
+    simd::transpose(a + row(b, h, blk), H * D, tile, kLd<E>, n, D, factor);
+  }
+  // The block's rows of a = tile, the inverse of load.
+  void store(const E* tile, int64_t b, int64_t h, int64_t blk, E* a) const {
+    simd::transpose(tile, kLd<E>, a + row(b, h, blk), H * D, D, count(blk), E(1));
+  }
 };
-
-// tiles = factor * a, for the (b, block) pairs split across the team (call inside a parallel region).
-template <typename T>
-void to_tiles(const TileGrid<T>& g, const T* a, T factor, T* tiles) {
-#pragma omp for schedule(static)
-  for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
-    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = g.start(blk), n = g.count(blk);
-    for (int64_t h = 0; h < g.H; ++h) {  // one tile at a time: its 16 KiB stay in L1
-      T* t = tiles + g.tile(b, h, blk);
-      for (int64_t d = 0; d < g.D; ++d) std::fill(t + d * kLd<T> + n, t + (d + 1) * kLd<T>, T(0));
-      simd::transpose(a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, t, kLd<T>, n, g.D, factor);
-    }
-  }
-}
-
-// a = tiles, the inverse of to_tiles (call inside a parallel region).
-template <typename T>
-void from_tiles(const TileGrid<T>& g, const T* tiles, T* a) {
-#pragma omp for schedule(static)
-  for (int64_t bb = 0; bb < g.B * g.nblocks; ++bb) {
-    const int64_t b = bb / g.nblocks, blk = bb % g.nblocks, i0 = g.start(blk);
-    for (int64_t h = 0; h < g.H; ++h) {
-      const T* t = tiles + g.tile(b, h, blk);
-      simd::transpose(t, kLd<T>, a + ((b * g.T + i0) * g.H + h) * g.D, g.H * g.D, g.D, g.count(blk), T(1));
-    }
-  }
-}
 
 template <typename T>
 struct ForwardScratch {
-  Buffer<T> ot, scores;
+  Buffer<T> tile, ot, scores;  // tile: the work item's queries, then its output
   std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit ForwardScratch(const AttentionShape& s)
-      : ot(s.D * kLd<T>), scores((s.P + kChunkForward) * kLd<T>), lanes(s.P + kChunkForward) {}
+      : tile(s.D * kLd<T>), ot(s.D * kLd<T>), scores((s.P + kChunkForward) * kLd<T>),
+        lanes(s.P + kChunkForward) {}
 };
 
 // One forward work item: queries [i0, i0+n) of head h. kp, vp: this head's packed keys and
@@ -342,10 +330,11 @@ template <typename T>
 struct BackwardScratch {
   int64_t Dp;  // D rounded up to whole vectors: the columns the dk/dv products compute
   int64_t Dl;  // padded_row(D) >= Dp: the row stride of qs, dos, dk, dv
-  Buffer<T> dqt, qs, dos, p, ds, lse, delta, dk, dv;
+  Buffer<T> qt, dot, dqt, qs, dos, p, ds, lse, delta, dk, dv;  // qt, dot: the pair's q, dout tiles
   std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit BackwardScratch(const AttentionShape& s)
-      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)), dqt(s.D * kLd<T>),
+      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)), qt(s.D * kLd<T>),
+        dot(s.D * kLd<T>), dqt(s.D * kLd<T>),
         qs(kBlock * Dl), dos(kBlock * Dl), p((s.P + kChunkBackward) * kLd<T>),
         ds((s.P + kChunkBackward) * kLd<T>), lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dl),
         dv((s.P + s.S) * Dl), lanes(s.P + kChunkBackward) {}
@@ -463,26 +452,25 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
   const int64_t nblocks = grid.nblocks;
   const int64_t items = s.B * s.H * nblocks, group = s.H / s.Hkv, heads = s.B * s.Hkv;
   const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
-  // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D];
-  // then the query tiles, which each item overwrites with its output.
-  T* kp = workspace<T>(2 * heads * head_size + grid.size());
+  // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D].
+  T* kp = workspace<T>(2 * heads * head_size);
   T* vp = kp + heads * head_size;
-  T* tiles = vp + heads * head_size;
   const int nt = threads_for(4.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
     pack_kv(s, k, v, prefix_k, prefix_v, kp, vp);
-    to_tiles(grid, q, T(s.scale), tiles);  // ends with a barrier: packing is done too
     ForwardScratch<T> w(s);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / (s.H * nblocks), h = item / nblocks % s.H, blk = item % nblocks;
       const int64_t bh = b * s.Hkv + h / group;
       const Heads<T> hd(s, b, h / group, k, v, prefix_k, prefix_v, key_padding_mask);
+      grid.load(q, b, h, blk, T(s.scale), w.tile.data());  // scaled: scores come out scaled
       forward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, grid.start(blk),
-                    grid.count(blk), tiles + grid.tile(b, h, blk), lse);
+                    grid.count(blk), w.tile.data(), lse);
+      grid.store(w.tile.data(), b, h, blk, out);
     }
-    from_tiles(grid, tiles, out);
   }
 }
 
@@ -517,13 +505,10 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const TileGrid<T> grid(s);
   const int64_t pairs = group * grid.nblocks, splits = backward_splits<T>(s, pairs);
   const int64_t items = heads * splits;
-  // Workspace: packed keys and values, q tiles (overwritten by dq), dout tiles,
-  // delta = rowsum(dout * out) [B, H, T].
-  T* kp = workspace<T>(2 * heads * head_size + 2 * grid.size() + s.B * s.H * s.T);
+  // Workspace: packed keys and values, delta = rowsum(dout * out) [B, H, T].
+  T* kp = workspace<T>(2 * heads * head_size + s.B * s.H * s.T);
   T* vp = kp + heads * head_size;
-  T* qtiles = vp + heads * head_size;
-  T* dotiles = qtiles + grid.size();
-  T* delta = dotiles + grid.size();
+  T* delta = vp + heads * head_size;
   // With splits > 1, each item's dk, dv rows [items, 2, P+S, Dl] (every item writes all of its own
   // before the sum reads them, so no zero-fill), in a buffer of this call only: the workspace would
   // keep its size for the life of the thread.
@@ -551,9 +536,8 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
         for (int64_t e = 0; e < s.D; ++e) sum += d[e] * o[e];
         delta[(bt / s.T * s.H + h) * s.T + bt % s.T] = sum;
       }
-    to_tiles(grid, q, T(s.scale), qtiles);
-    to_tiles(grid, dout, T(1), dotiles);  // its barrier ends the packing above too
     BackwardScratch<T> w(s);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / splits, split = item % splits, b = bh / s.Hkv, hk = bh % s.Hkv;
@@ -562,9 +546,12 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
       std::fill(w.dv.begin(), w.dv.end(), T(0));
       for (int64_t pair = split; pair < pairs; pair += splits) {
         const int64_t h = hk * group + pair / grid.nblocks, blk = pair % grid.nblocks;
-        const int64_t i0 = grid.start(blk), tile = grid.tile(b, h, blk);
+        const int64_t i0 = grid.start(blk);
+        grid.load(q, b, h, blk, T(s.scale), w.qt.data());
+        grid.load(dout, b, h, blk, T(1), w.dot.data());
         backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0, grid.count(blk),
-                       qtiles + tile, dotiles + tile, delta + (b * s.H + h) * s.T + i0, lse);
+                       w.qt.data(), w.dot.data(), delta + (b * s.H + h) * s.T + i0, lse);
+        grid.store(w.qt.data(), b, h, blk, dq);  // (each query's dq belongs to one pair)
       }
       if (splits == 1) {
         for (int64_t r = 0; r < rows; ++r) write_rows(b, hk, r, w.dk.data() + r * Dl, w.dv.data() + r * Dl);
@@ -585,7 +572,6 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
         write_rows(bh / s.Hkv, bh % s.Hkv, r, sum, sum + head_size);
       }
     }
-    from_tiles(grid, qtiles, dq);
     dprefix.reduce();
   }
 }
