@@ -149,38 +149,29 @@ int group_rows(const Lanes* vl, int64_t rows, int64_t nv, RowRange* out) {
   return groups;
 }
 
-// Packs keys and values per (b, kv head) as contiguous rows [prefix | input]: kp, vp
-// [B*Hkv, P+S, Dl] with Dl = padded_row(D) (the padding is never read). The input is read in
-// memory order (token rows of Hkv*D), so the reads stream;
-// gathering one head's rows directly (Hkv*D apart) missed the TLB on every row. Call inside a
-// parallel region; ends without a barrier.
+// The keys and values of one (b, kv head) as contiguous rows [prefix | input]: kp, vp [P+S, Dl]
+// with Dl = padded_row(D) (the padding is never read; the inputs' rows are Hkv*D apart). A work
+// item packs the rows it reads into its own scratch, where they stay in L2 for all of its query
+// blocks; a pass that packed every head into one array first sent them through memory (10% of the
+// forward at T = 71, D = 96). Rows are packed on demand: `packed` is how many are, and causal
+// blocks need only the rows up to their last visible key.
 template <typename T>
-void pack_kv(const AttentionShape& s, const T* k, const T* v, const T* pk, const T* pv, T* kp,
-             T* vp) {
-  const int64_t D = s.D, Dl = padded_row<T>(D), rows = s.P + s.S, kv_row = s.Hkv * D;
-  auto copy = [D](const T* from, T* to) {
-    for (int64_t d = 0; d < D; ++d) to[d] = from[d];  // short rows: a loop beats memmove calls
-  };
-#pragma omp for schedule(static) nowait
-  for (int64_t bj = 0; bj < s.B * s.S; ++bj) {
-    const int64_t b = bj / s.S, j = bj % s.S;
-    for (int64_t hk = 0; hk < s.Hkv; ++hk) {
-      const int64_t dst = ((b * s.Hkv + hk) * rows + s.P + j) * Dl;
-      copy(k + bj * kv_row + hk * D, kp + dst);
-      copy(v + bj * kv_row + hk * D, vp + dst);
+struct PackedHead {
+  T *kp, *vp;
+  int64_t packed = 0;
+  void need(const AttentionShape& s, const Heads<T>& hd, int64_t rows) {
+    const int64_t D = s.D, Dl = padded_row<T>(D);
+    for (int64_t r = packed; r < rows; ++r) {
+      const bool pre = r < s.P;
+      const int64_t off = (pre ? r : r - s.P) * hd.stride;
+      const T *kr = (pre ? hd.pk : hd.k) + off, *vr = (pre ? hd.pv : hd.v) + off;
+      T *kd = kp + r * Dl, *vd = vp + r * Dl;
+      for (int64_t d = 0; d < D; ++d) kd[d] = kr[d];  // short rows: a loop beats memmove calls
+      for (int64_t d = 0; d < D; ++d) vd[d] = vr[d];
     }
+    packed = std::max(packed, rows);
   }
-#pragma omp for schedule(static) nowait
-  for (int64_t bp = 0; bp < s.B * s.P; ++bp) {
-    const int64_t b = bp / s.P, p = bp % s.P;
-    const int64_t src = ((s.prefix_per_row ? bp : p) * s.Hkv) * D;
-    for (int64_t hk = 0; hk < s.Hkv; ++hk) {
-      const int64_t dst = ((b * s.Hkv + hk) * rows + p) * Dl;
-      copy(pk + src + hk * D, kp + dst);
-      copy(pv + src + hk * D, vp + dst);
-    }
-  }
-}
+};
 
 // The query-side arrays ([B, T, H, D]: q, out, ...) as tiles: per (b, h, block) the block's rows
 // transposed, [D, kBlock] (row stride kLd), lanes past the block zero. The T queries split into
@@ -219,11 +210,11 @@ struct TileGrid {
 
 template <typename T>
 struct ForwardScratch {
-  Buffer<T> tile, ot, scores;  // tile: the work item's queries, then its output
+  Buffer<T> kp, vp, tile, ot, scores;  // kp, vp: PackedHead; tile: a block's queries, then its output
   std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit ForwardScratch(const AttentionShape& s)
-      : tile(s.D * kLd<T>), ot(s.D * kLd<T>), scores((s.P + kChunkForward) * kLd<T>),
-        lanes(s.P + kChunkForward) {}
+      : kp((s.P + s.S) * padded_row<T>(s.D)), vp(kp.size()), tile(s.D * kLd<T>), ot(s.D * kLd<T>),
+        scores((s.P + kChunkForward) * kLd<T>), lanes(s.P + kChunkForward) {}
 };
 
 // One forward work item: queries [i0, i0+n) of head h. kp, vp: this head's packed keys and
@@ -330,10 +321,12 @@ template <typename T>
 struct BackwardScratch {
   int64_t Dp;  // D rounded up to whole vectors: the columns the dk/dv products compute
   int64_t Dl;  // padded_row(D) >= Dp: the row stride of qs, dos, dk, dv
-  Buffer<T> qt, dot, dqt, qs, dos, p, ds, lse, delta, dk, dv;  // qt, dot: the pair's q, dout tiles
+  // kp, vp: PackedHead; qt, dot: the pair's q, dout tiles
+  Buffer<T> kp, vp, qt, dot, dqt, qs, dos, p, ds, lse, delta, dk, dv;
   std::vector<Lanes> lanes;  // visible_lanes of each row of the chunk
   explicit BackwardScratch(const AttentionShape& s)
-      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)), qt(s.D * kLd<T>),
+      : Dp((s.D + kLanes<T> - 1) / kLanes<T> * kLanes<T>), Dl(padded_row<T>(s.D)),
+        kp((s.P + s.S) * Dl), vp(kp.size()), qt(s.D * kLd<T>),
         dot(s.D * kLd<T>), dqt(s.D * kLd<T>),
         qs(kBlock * Dl), dos(kBlock * Dl), p((s.P + kChunkBackward) * kLd<T>),
         ds((s.P + kChunkBackward) * kLd<T>), lse(kBlock), delta(kBlock), dk((s.P + s.S) * Dl),
@@ -444,32 +437,38 @@ T* workspace(size_t n) {
   return buffer.data();
 }
 
+// Forward items per thread of the team, for it to share out the work (schedule(dynamic)).
+constexpr int64_t kTeamItems = 4;
+
 template <typename T>
 void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T* k, const T* v,
                                    const T* prefix_k, const T* prefix_v,
                                    const uint8_t* key_padding_mask, T* out, T* lse) {
   const TileGrid<T> grid(s);
-  const int64_t nblocks = grid.nblocks;
-  const int64_t items = s.B * s.H * nblocks, group = s.H / s.Hkv, heads = s.B * s.Hkv;
-  const int64_t head_size = (s.P + s.S) * padded_row<T>(s.D);
-  // Keys and values packed per (b, kv head) as contiguous rows [prefix | input]: [B*Hkv, P+S, D].
-  T* kp = workspace<T>(2 * heads * head_size);
-  T* vp = kp + heads * head_size;
+  const int64_t group = s.H / s.Hkv, heads = s.B * s.Hkv, pairs = group * grid.nblocks;
   const int nt = threads_for(4.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
+  // Items: (b, kv head, split), the head's (query head, block) pairs dealt round-robin to its splits
+  // (causal blocks grow in cost along T). Splits only where the heads alone are too few for the
+  // team to share out (each packs the head's keys again); an output is the same bits whatever
+  // item computes it.
+  const int64_t splits = std::clamp<int64_t>((kTeamItems * nt + heads - 1) / heads, 1, std::max<int64_t>(1, pairs / 2));
+  const int64_t items = heads * splits;
 #pragma omp parallel num_threads(nt)
   {
-    pack_kv(s, k, v, prefix_k, prefix_v, kp, vp);
     ForwardScratch<T> w(s);
-#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (s.H * nblocks), h = item / nblocks % s.H, blk = item % nblocks;
-      const int64_t bh = b * s.Hkv + h / group;
-      const Heads<T> hd(s, b, h / group, k, v, prefix_k, prefix_v, key_padding_mask);
-      grid.load(q, b, h, blk, T(s.scale), w.tile.data());  // scaled: scores come out scaled
-      forward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, grid.start(blk),
-                    grid.count(blk), w.tile.data(), lse);
-      grid.store(w.tile.data(), b, h, blk, out);
+      const int64_t bh = item / splits, split = item % splits, b = bh / s.Hkv, hk = bh % s.Hkv;
+      const Heads<T> hd(s, b, hk, k, v, prefix_k, prefix_v, key_padding_mask);
+      PackedHead<T> kv{w.kp.data(), w.vp.data()};
+      for (int64_t pair = split; pair < pairs; pair += splits) {
+        const int64_t h = hk * group + pair / grid.nblocks, blk = pair % grid.nblocks;
+        const int64_t i0 = grid.start(blk), n = grid.count(blk);
+        kv.need(s, hd, s.P + input_end(s, i0 + n));
+        grid.load(q, b, h, blk, T(s.scale), w.tile.data());  // scaled: scores come out scaled
+        forward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, n, w.tile.data(), lse);
+        grid.store(w.tile.data(), b, h, blk, out);
+      }
     }
   }
 }
@@ -505,10 +504,7 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const TileGrid<T> grid(s);
   const int64_t pairs = group * grid.nblocks, splits = backward_splits<T>(s, pairs);
   const int64_t items = heads * splits;
-  // Workspace: packed keys and values, delta = rowsum(dout * out) [B, H, T].
-  T* kp = workspace<T>(2 * heads * head_size + s.B * s.H * s.T);
-  T* vp = kp + heads * head_size;
-  T* delta = vp + heads * head_size;
+  T* delta = workspace<T>(s.B * s.H * s.T);  // rowsum(dout * out) [B, H, T]
   // With splits > 1, each item's dk, dv rows [items, 2, P+S, Dl] (every item writes all of its own
   // before the sum reads them, so no zero-fill), in a buffer of this call only: the workspace would
   // keep its size for the life of the thread.
@@ -527,7 +523,6 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
-    pack_kv(s, k, v, prefix_k, prefix_v, kp, vp);
 #pragma omp for schedule(static) nowait
     for (int64_t bt = 0; bt < s.B * s.T; ++bt)
       for (int64_t h = 0; h < s.H; ++h) {
@@ -544,12 +539,14 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
       const Heads<T> hd(s, b, hk, k, v, prefix_k, prefix_v, key_padding_mask);
       std::fill(w.dk.begin(), w.dk.end(), T(0));
       std::fill(w.dv.begin(), w.dv.end(), T(0));
+      PackedHead<T> kv{w.kp.data(), w.vp.data()};
       for (int64_t pair = split; pair < pairs; pair += splits) {
         const int64_t h = hk * group + pair / grid.nblocks, blk = pair % grid.nblocks;
         const int64_t i0 = grid.start(blk);
+        kv.need(s, hd, s.P + input_end(s, i0 + grid.count(blk)));
         grid.load(q, b, h, blk, T(s.scale), w.qt.data());
         grid.load(dout, b, h, blk, T(1), w.dot.data());
-        backward_block(s, w, hd, kp + bh * head_size, vp + bh * head_size, b, h, i0, grid.count(blk),
+        backward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, grid.count(blk),
                        w.qt.data(), w.dot.data(), delta + (b * s.H + h) * s.T + i0, lse);
         grid.store(w.qt.data(), b, h, blk, dq);  // (each query's dq belongs to one pair)
       }
