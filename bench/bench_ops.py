@@ -60,7 +60,10 @@ def busy_core(cpu=1, enabled=True):
     if not enabled:
         yield
         return
-    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass\n"
+    # The loop checks now and then that this process still runs: a benchmark killed by a signal
+    # skips the `finally` below, and its spinner must not stay behind.
+    code = (f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile os.getppid() == {os.getpid()}:\n"
+            f"    for _ in range(1_000_000):\n        pass\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     time.sleep(0.3)  # let it start spinning
     try:
