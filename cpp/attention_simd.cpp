@@ -271,17 +271,28 @@ void forward_block(const AttentionShape& s, ForwardScratch<T>& w, const Heads<T>
       msafe[v] = mx[v] == ninf ? Vec<T>{} : mx[v];  // a lane that sees nothing stays all zero
       alpha[v] = m[v] == ninf ? Vec<T>{} : simd::exp<T>(m[v] - msafe[v]);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int v = 0; v < nv; ++v) {
-        Vec<T> p{};
-        if (!vl[r].none()) {
-          p = simd::exp<T>(simd::load(sc + r * kLd<T> + v * L) - msafe[v]);
-          if (mixed<T>(vl[r], v)) p = hidden_lanes<T>(vl[r], v) ? Vec<T>{} : p;  // exact zeros
+    // With every lane's max finite (no NaN or +inf score seen) the shifted scores are finite or -inf,
+    // and exp_shifted skips exp's checks for the rest.
+    bool finite = true;
+    for (int v = 0; v < nv; ++v)
+      for (int i = 0; i < L; ++i) finite &= msafe[v][i] - msafe[v][i] == T(0);
+    auto exp_pass = [&](auto expf) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int v = 0; v < nv; ++v) {
+          Vec<T> p{};
+          if (!vl[r].none()) {
+            p = expf(simd::load(sc + r * kLd<T> + v * L) - msafe[v]);
+            if (mixed<T>(vl[r], v)) p = hidden_lanes<T>(vl[r], v) ? Vec<T>{} : p;  // exact zeros
+          }
+          simd::store(sc + r * kLd<T> + v * L, p);
+          sum[v] += p;
         }
-        simd::store(sc + r * kLd<T> + v * L, p);
-        sum[v] += p;
       }
-    }
+    };
+    if (finite)
+      exp_pass([](Vec<T> x) { return simd::exp_shifted<T>(x); });
+    else
+      exp_pass([](Vec<T> x) { return simd::exp<T>(x); });
     for (int v = 0; v < nv; ++v) {
       m[v] = mx[v];
       l[v] = alpha[v] * l[v] + sum[v];

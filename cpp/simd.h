@@ -73,36 +73,51 @@ inline Vec<T> iota() {
   return v;
 }
 
-// exp for float: Cephes' degree-6 polynomial on [-ln2/2, ln2/2] and 2^n by exponent bits;
-// relative error below 1e-7 for x in [-87, 88]; x below -87 gives ~1e-38 (callers that need an
-// exact 0, for masked keys, select it); -inf gives 0 and NaN gives NaN. For double: the libm exp per lane, as
-// double only serves gradient checks, where accuracy matters and speed does not.
+// Cephes' exp polynomial for float: e^x for x in [-87, 88] (x = n ln2 + r, |r| <= ln2/2, a degree-6
+// polynomial in r, 2^n added to the exponent bits); relative error below 1e-7. Outside that range
+// (and for NaN, -inf) the bits are garbage: exp and exp_shifted select what those inputs give.
+inline Vec<float> exp_core(Vec<float> x) {
+  const Vec<float> t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) via 1.5 * 2^23
+  const Vec<float> n = t - 12582912.0f;
+  const Mask<float> ni = (Mask<float>)t - 0x4B400000;  // bits of 1.5 * 2^23
+  Vec<float> r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Vec<float> p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return (Vec<float>)((Mask<float>)p + (ni << 23));
+}
+// exp: exp_core, with x below -87 giving ~1e-38 (callers that need an exact 0, for masked keys,
+// select it); -inf gives 0 and NaN gives NaN. For double: the libm exp per lane, as double only
+// serves gradient checks, where accuracy matters and speed does not.
 template <typename T>
 inline Vec<T> exp(Vec<T> x) {
   if constexpr (std::is_same_v<T, float>) {
-    // The bit arithmetic below would turn NaN into a number, and -inf into ~1e-38 instead of the
-    // exact 0 that keeps 0 * inf = NaN in a product (as in any softmax's gradient).
+    // The bit arithmetic would turn NaN into a number, and -inf into ~1e-38 instead of the exact 0
+    // that keeps 0 * inf = NaN in a product (as in any softmax's gradient).
     const Mask<float> nan = x != x, zero = x == -std::numeric_limits<float>::infinity();
-    x = vmax<float>(x, broadcast(-87.0f));
-    const Vec<float> t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln2) via 1.5 * 2^23
-    const Vec<float> n = t - 12582912.0f;
-    const Mask<float> ni = (Mask<float>)t - 0x4B400000;  // bits of 1.5 * 2^23
-    Vec<float> r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    Vec<float> p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const Vec<float> e = (Vec<float>)((Mask<float>)p + (ni << 23));
+    const Vec<float> e = exp_core(vmax<float>(x, broadcast(-87.0f)));
     return nan ? x : (zero ? Vec<float>{} : e);
   } else {
     for (int i = 0; i < kLanes<T>; ++i) x[i] = std::exp(x[i]);
     return x;
   }
 }
-
+// exp for a softmax's shifted scores x = s - max(s) when that max is finite: x is finite or -inf,
+// never NaN (a NaN gives an unspecified value). Without exp's NaN and -inf selects: x below -87
+// (and -inf) gives an exact 0 (exp's 1e-38 there), the rest the same bits as exp. In the forward's
+// softmax at D = 48 exp was half of the non-product time; this is 16 vector operations, exp 22.
+template <typename T>
+inline Vec<T> exp_shifted(Vec<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x >= -87.0f ? exp_core(x) : Vec<float>{};
+  } else {
+    return exp<T>(x);
+  }
+}
 // tanh for float: Eigen's generic_fast_tanh_float (a 13/6 rational on [-7.9, 7.9], clamped
 // outside, x itself below 4e-4), a few ulp from the true tanh; NaN gives NaN, +-inf gives +-1.
 // For double: the libm tanh per lane (gradient checks only, as for exp).
