@@ -2,16 +2,17 @@
 // lanes" layout. A block of up to 64 queries is transposed once, so that every score tile is
 // [keys, 64 query lanes]: the softmax over keys becomes lane-wise max/exp/sum with no horizontal
 // reductions, and the causal mask is a lane threshold per key. Keys are processed in L1-sized
-// chunks with an online softmax. The prefix and the input keys stay two arrays; a chunk's keys and
-// values are packed into contiguous rows [prefix | input] first (the inputs' rows are Hkv*D apart,
-// which makes strided loads miss the L1 and the TLB). Only lse is kept
-// for the backward.
+// chunks with an online softmax. The prefix and the input keys stay two arrays; a work item packs
+// its head's keys and values into contiguous rows [prefix | input] first (the inputs' rows are
+// Hkv*D apart, which makes strided loads miss the L1 and the TLB). Only lse is kept for the
+// backward.
 //
-// Work items and determinism are as in the Eigen variant (prefix_attention.cpp): forward items are
-// (b, h, query block); backward items are (b, kv head), each owning its dk/dv rows and its dq rows
-// (or, with few heads, a share of a (b, kv head)'s query blocks with dk/dv rows of its own, summed in
-// a fixed order: backward_splits); a shared prefix's gradient goes to one slot per batch row, summed
-// in batch order at the end.
+// Work items: a (b, kv head) with the (query head, block) pairs of its group, or with few heads a
+// share of them dealt round-robin (forward: enough items for the team; backward: backward_splits,
+// each share with dk/dv rows of its own, summed in a fixed order). Each item moves its own query
+// blocks between the arrays and tiles of its scratch. A query's output and gradients are the same
+// bits whatever item computes them; a shared prefix's gradient goes to one slot per batch row,
+// summed in batch order at the end (as in the Eigen variant, prefix_attention.cpp).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -207,6 +208,24 @@ struct TileGrid {
     simd::transpose(tile, kLd<E>, a + row(b, h, blk), H * D, D, count(blk), E(1));
   }
 };
+
+// out[i] = sum_d a[i, d] b[i, d] for the n rows of a and b (rows `stride` apart, D values each): the
+// backward's delta = rowsum(dout * out) of a block's queries, computed where the block is loaded
+// (no pass or buffer of its own).
+template <typename T>
+void row_dots(const T* a, const T* b, int64_t stride, int64_t n, int64_t D, T* out) {
+  constexpr int L = kLanes<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    const T *x = a + i * stride, *y = b + i * stride;
+    Vec<T> acc{};
+    int64_t d = 0;
+    for (; d + L <= D; d += L) acc += simd::load(x + d) * simd::load(y + d);
+    T sum = 0;
+    for (int j = 0; j < L; ++j) sum += acc[j];
+    for (; d < D; ++d) sum += x[d] * y[d];
+    out[i] = sum;
+  }
+}
 
 template <typename T>
 struct ForwardScratch {
@@ -439,15 +458,6 @@ void backward_block(const AttentionShape& s, BackwardScratch<T>& w, const Heads<
 
 }  // namespace
 
-// A growing workspace per calling thread, reused across calls: no page faults and no zero-fill
-// per call. (Kernels may be called from several Python threads at once: one buffer each.)
-template <typename T>
-T* workspace(size_t n) {
-  static thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
-
 // Forward items per thread of the team, for it to share out the work (schedule(dynamic)).
 constexpr int64_t kTeamItems = 4;
 
@@ -515,10 +525,9 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const TileGrid<T> grid(s);
   const int64_t pairs = group * grid.nblocks, splits = backward_splits<T>(s, pairs);
   const int64_t items = heads * splits;
-  T* delta = workspace<T>(s.B * s.H * s.T);  // rowsum(dout * out) [B, H, T]
   // With splits > 1, each item's dk, dv rows [items, 2, P+S, Dl] (every item writes all of its own
-  // before the sum reads them, so no zero-fill), in a buffer of this call only: the workspace would
-  // keep its size for the life of the thread.
+  // before the sum reads them, so no zero-fill), in a buffer of this call only (not a thread's
+  // reused buffer, which would keep its size for the life of the thread).
   std::unique_ptr<T[]> partial_rows(splits > 1 ? new T[size_t(items * 2 * head_size)] : nullptr);
   T* partial = partial_rows.get();
   PrefixGradient<T> dprefix(s, dprefix_k, dprefix_v);
@@ -534,16 +543,7 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
   const int nt = threads_for(10.0 * s.B * s.H * s.T * (s.P + s.S) * s.D);
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static) nowait
-    for (int64_t bt = 0; bt < s.B * s.T; ++bt)
-      for (int64_t h = 0; h < s.H; ++h) {
-        const T *d = dout + (bt * s.H + h) * s.D, *o = out + (bt * s.H + h) * s.D;
-        T sum = 0;
-        for (int64_t e = 0; e < s.D; ++e) sum += d[e] * o[e];
-        delta[(bt / s.T * s.H + h) * s.T + bt % s.T] = sum;
-      }
     BackwardScratch<T> w(s);
-#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t bh = item / splits, split = item % splits, b = bh / s.Hkv, hk = bh % s.Hkv;
@@ -557,8 +557,9 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
         kv.need(s, hd, s.P + input_end(s, i0 + grid.count(blk)));
         grid.load(q, b, h, blk, T(s.scale), w.qt.data());
         grid.load(dout, b, h, blk, T(1), w.dot.data());
-        backward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, grid.count(blk),
-                       w.qt.data(), w.dot.data(), delta + (b * s.H + h) * s.T + i0, lse);
+        T delta[kBlock];
+        row_dots(dout + grid.row(b, h, blk), out + grid.row(b, h, blk), s.H * s.D, grid.count(blk), s.D, delta);
+        backward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, grid.count(blk), w.qt.data(), w.dot.data(), delta, lse);
         grid.store(w.qt.data(), b, h, blk, dq);  // (each query's dq belongs to one pair)
       }
       if (splits == 1) {
