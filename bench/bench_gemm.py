@@ -14,7 +14,7 @@ at each side's rate; writes bench/results/gemm_1b.json with the machine.
 
 does the same on SmolLM2-135M's own matrices (layer 0 of the default model's GGUF, kept in its Q4_1
 blocks and expanded to float32; its 30 layers; the tied LM head), at 1536 rows (the 32 x 48 batch of
-bench_inference.py's first full-logit case); writes bench/results/gemm_smollm2.json.
+bench_inference.py's first full-logit case); writes bench/results/gemm_smollm2.json (or --out).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def main():
                     help="1b: Llama-3.2-1B's shapes, random weights; smollm2: the default model's matrices")
     ap.add_argument("--rows", type=int, help="tokens (default 512, 8 x 64 as bench_1b.py; smollm2: 1536)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", type=Path, help="the JSON to write (default bench/results/gemm_1b.json or, with "
+                                             "--model smollm2, gemm_smollm2.json)")
     args = ap.parse_args()
     import torch
 
@@ -122,7 +124,7 @@ def main():
     out = {"machine": machine(), "model": args.model, "threads": args.threads, "rows": args.rows, "step_tflop": total / 1e3,
            "shapes": rows, "step_gemm_s": step,
            "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
-    target = RESULTS / ("gemm_smollm2.json" if smol else "gemm_1b.json")
+    target = args.out or RESULTS / ("gemm_smollm2.json" if smol else "gemm_1b.json")
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     os.replace(tmp, target)
