@@ -183,15 +183,14 @@ struct PackedHead {
 // memory twice more (at T = 71, D = 96 its transposes took 14% of the forward).
 template <typename E>
 struct TileGrid {
-  int64_t B, T, H, D, bs, nblocks;  // bs: queries per block (the last one may have fewer)
-  explicit TileGrid(const AttentionShape& s) : B(s.B), T(s.T), H(s.H), D(s.D) {
+  int64_t T, H, D, bs, nblocks;  // bs: queries per block (the last one may have fewer)
+  explicit TileGrid(const AttentionShape& s) : T(s.T), H(s.H), D(s.D) {
     const int64_t width = simd::kTileVecs * kLanes<E>, even = (s.T + kBlock - 1) / kBlock;
     bs = std::min(kBlock, ((s.T + even - 1) / even + width - 1) / width * width);
     nblocks = (s.T + bs - 1) / bs;
   }
   int64_t start(int64_t blk) const { return blk * bs; }
   int64_t count(int64_t blk) const { return std::min(bs, T - blk * bs); }
-  int64_t tile_size() const { return D * kLd<E>; }
   // The block's first row in a [B, T, H, D] array.
   int64_t row(int64_t b, int64_t h, int64_t blk) const { return ((b * T + start(blk)) * H + h) * D; }
 
