@@ -166,6 +166,29 @@ def test_a_rows_gradients_do_not_depend_on_the_other_rows(rng, kernel, dtype, ca
             np.testing.assert_array_equal(a, w[b:b + 1])
 
 
+def test_a_nan_query_leaves_the_other_queries_bits():
+    # Every query's scores: 100 for key 0 (value 0), 0 for the others (value 1), a gap beyond the
+    # 87 where float32's exp clamps, so each output is the sum of those clamped weights, ~1e-38.
+    # A NaN in one query sends its block's softmax down exp's checked path; the block's other
+    # queries must keep their bits (the lean exp gives the same bits as exp).
+    T, S = 20, 12
+    q = np.zeros((1, T, 1, 4), np.float32)
+    q[..., 0] = 10.0
+    k = np.zeros((1, S, 1, 4), np.float32)
+    k[0, 0, 0, 0] = 10.0
+    v = np.ones((1, S, 1, 4), np.float32)
+    v[0, 0] = 0.0
+    none = np.zeros((0, 1, 4), np.float32)
+    out, lse = ops.prefix_attention_forward(q, k, v, none, none, scale=1.0)
+    assert (out > 0).all() and (out < 1e-36).all()  # the clamped weights, not zeros
+    q[0, 7, 0, 1] = np.nan
+    out2, lse2 = ops.prefix_attention_forward(q, k, v, none, none, scale=1.0)
+    assert np.isnan(out2[0, 7]).all() and np.isnan(lse2[0, 0, 7])
+    others = np.arange(T) != 7
+    np.testing.assert_array_equal(out2[0, others], out[0, others])
+    np.testing.assert_array_equal(lse2[0, 0, others], lse[0, 0, others])
+
+
 def test_views_are_copied_and_give_the_same_result(rng):
     q, k, v, pk, pv, m = make_problem(rng, 2, 6, 8, 4, 2, 8, 3, mask="left")
     want, _ = ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask=m)
