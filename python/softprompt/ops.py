@@ -33,6 +33,7 @@ import contextvars
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -44,6 +45,33 @@ except ImportError as exc:  # pragma: no cover - only in a broken install
     raise ImportError(
         "softprompt's compiled core (softprompt._core) is missing; reinstall with `pip install .`"
     ) from exc
+
+def retain_freed_memory():
+    """Asks glibc's malloc to keep freed memory for reuse instead of returning it to the system.
+
+    Every kernel call returns new arrays (attention's out, lse, dq, dk, dv: megabytes each), and a
+    training step allocates its activation cache (~15 MB per layer for SmolLM2 at 8 x 84 tokens)
+    and frees it at the end. By default glibc hands those pages back, and the next call pays a page
+    fault per 4 KiB to get them again (tests/test_memory.py counts them). With this, blocks
+    under 32 MiB come from the heap and the heap is not trimmed, so each call reuses the last
+    call's pages. The process's peak memory is unchanged (the calls needed it anyway);
+    its memory is not returned between calls. Called when softprompt is imported; set
+    SOFTPROMPT_RETAIN_MEMORY=0 before that to keep glibc's defaults. Does nothing off glibc."""
+    if os.environ.get("SOFTPROMPT_RETAIN_MEMORY", "1") == "0":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+retain_freed_memory()
 
 __all__ = [
     "prefix_attention_forward",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -55,36 +54,11 @@ def load_model(source=None, *, dtype=np.float32, keep_quantized=True):
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"source: {str(path)!r} does not exist")
-    retain_freed_memory()
     if path.is_dir():
         return _load_hf_folder(path, np.dtype(dtype), keep_quantized)
     if path.suffix == ".gguf":
         return _load_gguf(path, np.dtype(dtype), keep_quantized)
     raise ValueError(f"source: expected a Hugging Face model folder or a .gguf file, got {str(path)!r}")
-
-
-def retain_freed_memory():
-    """Asks glibc's malloc to keep freed memory for reuse instead of returning it to the system.
-
-    A training step allocates its activation cache (~15 MB per layer for SmolLM2 at 8 x 84
-    tokens) and frees it at the end; by default glibc hands those pages back, and the next forward
-    pays a page fault per 4 KiB to get them again (measured: ~0.08 s of a 1.7 s step). With this,
-    blocks under 32 MiB come from the heap and the heap is not trimmed, so every step reuses the
-    last step's pages. The process's peak memory is unchanged (the step needed it anyway); its
-    memory is not returned between steps. Called by `load_model`; set SOFTPROMPT_RETAIN_MEMORY=0
-    to keep glibc's defaults. Does nothing off glibc."""
-    if os.environ.get("SOFTPROMPT_RETAIN_MEMORY", "1") == "0":
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
