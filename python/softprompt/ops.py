@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - only in a broken install
         "softprompt's compiled core (softprompt._core) is missing; reinstall with `pip install .`"
     ) from exc
 
+
 def retain_freed_memory():
     """Asks glibc's malloc to keep freed memory for reuse instead of returning it to the system.
 
