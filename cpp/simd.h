@@ -59,6 +59,20 @@ template <typename T>
 inline Vec<T> broadcast(T a) {
   return a - Vec<T>{};
 }
+
+// a * b + c rounded once wherever the target has FMA, explicitly: -ffp-contract=fast allows the
+// compiler to fuse a*b+c but does not make it, and GCC fused it in some loop shapes and not in
+// others (linear_forward_few: a lone accumulator came out as vmulps + vaddps, two side by side as
+// vfmadd), so a row's result would depend on how many rows came with it.
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;  // no FMA instruction: never fused
+#endif
+}
 // max that keeps a NaN from either side (a plain a > b ? a : b drops one from a, and a running
 // max would forget it at the next finite value): a NaN score must reach its row's output.
 template <typename T>

@@ -186,6 +186,24 @@ def test_decoding_few_rows_path_matches_float64(fmt, cols, rng):
 
 
 @needs_gemm
+@pytest.mark.parametrize("fmt,cols", [("f32", 576), ("f32", 37), ("q4_1", 576)])
+def test_decoding_few_rows_path_row_bits_do_not_depend_on_the_batch(fmt, cols, rng):
+    """Generation at batch 1 and batch 8 gives a sequence the same logits: on the few-rows path each
+    row's dot products are summed alike whether it comes alone or with others (the compiler fused
+    a*b+c for some row counts and not for others until the FMAs were explicit)."""
+    rows = 40
+    w = rng.standard_normal((rows, cols), dtype=np.float32) if fmt == "f32" else quantized(rng, rows, cols, fmt)
+    b = rng.standard_normal(rows, dtype=np.float32)
+    x = rng.standard_normal((nn.FEW_ROWS, cols), dtype=np.float32)
+    with nn.decoding():
+        together = nn.linear(x, w, b)
+        for M in range(1, nn.FEW_ROWS + 1):
+            assert np.array_equal(nn.linear(x[:M], w, b), together[:M]), M
+        alone = np.concatenate([nn.linear(x[m:m + 1], w, b) for m in range(nn.FEW_ROWS)])
+    assert np.array_equal(alone, together)
+
+
+@needs_gemm
 def test_linear_edge_cases(rng):
     x = rng.standard_normal((5, 64), dtype=np.float32)
     b = rng.standard_normal(70)  # float64 and strided biases are taken (converted) as NumPy's were
