@@ -150,6 +150,23 @@ int group_rows(const Lanes* vl, int64_t rows, int64_t nv, RowRange* out) {
   return groups;
 }
 
+// Rows of the [B, T, H, D] and [B, S, Hkv, D] arrays are H*D or Hkv*D values apart, often exactly
+// 4 KiB (H*D = 1024): every row is on a page of its own, where the hardware prefetchers (which stay
+// within a page) do not follow, so each row's load missed the caches. The loops that read such rows
+// (packing keys and values, moving query blocks into tiles) request them ahead with these.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+  __builtin_prefetch(p + bytes - 1);  // a row that starts mid-line ends on one more
+}
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t stride, int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) prefetch_row(first + i * stride, D);
+}
+constexpr int64_t kPackAhead = 8;  // rows: a few hundred cycles of copying ahead of their use
+
 // The keys and values of one (b, kv head) as contiguous rows [prefix | input]: kp, vp [P+S, Dl]
 // with Dl = padded_row(D) (the padding is never read; the inputs' rows are Hkv*D apart). A work
 // item packs the rows it reads into its own scratch, where they stay in L2 for all of its query
@@ -162,10 +179,15 @@ struct PackedHead {
   int64_t packed = 0;
   void need(const AttentionShape& s, const Heads<T>& hd, int64_t rows) {
     const int64_t D = s.D, Dl = padded_row<T>(D);
+    auto row = [&](const T* pre_base, const T* in_base, int64_t r) {
+      return r < s.P ? pre_base + r * hd.stride : in_base + (r - s.P) * hd.stride;
+    };
     for (int64_t r = packed; r < rows; ++r) {
-      const bool pre = r < s.P;
-      const int64_t off = (pre ? r : r - s.P) * hd.stride;
-      const T *kr = (pre ? hd.pk : hd.k) + off, *vr = (pre ? hd.pv : hd.v) + off;
+      if (r + kPackAhead < rows) {
+        prefetch_row(row(hd.pk, hd.k, r + kPackAhead), D);
+        prefetch_row(row(hd.pv, hd.v, r + kPackAhead), D);
+      }
+      const T *kr = row(hd.pk, hd.k, r), *vr = row(hd.pv, hd.v, r);
       T *kd = kp + r * Dl, *vd = vp + r * Dl;
       for (int64_t d = 0; d < D; ++d) kd[d] = kr[d];  // short rows: a loop beats memmove calls
       for (int64_t d = 0; d < D; ++d) vd[d] = vr[d];
@@ -201,6 +223,10 @@ struct TileGrid {
     if (end > n)
       for (int64_t d = 0; d < D; ++d) std::fill(tile + d * kLd<E> + n, tile + d * kLd<E> + end, E(0));
     simd::transpose(a + row(b, h, blk), H * D, tile, kLd<E>, n, D, factor);
+  }
+  // Requests the block's rows of a ahead of a load (prefetch_row).
+  void prefetch(const E* a, int64_t b, int64_t h, int64_t blk) const {
+    prefetch_rows(a + row(b, h, blk), H * D, count(blk), D);
   }
   // The block's rows of a = tile, the inverse of load.
   void store(const E* tile, int64_t b, int64_t h, int64_t blk, E* a) const {
@@ -486,6 +512,10 @@ void prefix_attention_forward_simd(const AttentionShape& s, const T* q, const T*
         const int64_t i0 = grid.start(blk), n = grid.count(blk);
         kv.need(s, hd, s.P + input_end(s, i0 + n));
         grid.load(q, b, h, blk, T(s.scale), w.tile.data());  // scaled: scores come out scaled
+        if (pair + splits < pairs) {  // the next block's queries, while this one computes
+          const int64_t next = pair + splits;
+          grid.prefetch(q, b, hk * group + next / grid.nblocks, next % grid.nblocks);
+        }
         forward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, n, w.tile.data(), lse);
         grid.store(w.tile.data(), b, h, blk, out);
       }
@@ -558,6 +588,10 @@ void prefix_attention_backward_simd(const AttentionShape& s, const T* dout, cons
         grid.load(dout, b, h, blk, T(1), w.dot.data());
         T delta[kBlock];
         row_dots(dout + grid.row(b, h, blk), out + grid.row(b, h, blk), s.H * s.D, grid.count(blk), s.D, delta);
+        if (pair + splits < pairs) {  // the next block's rows, while this one computes
+          const int64_t next = pair + splits, nh = hk * group + next / grid.nblocks, nblk = next % grid.nblocks;
+          for (const T* a : {q, dout, out}) grid.prefetch(a, b, nh, nblk);
+        }
         backward_block(s, w, hd, kv.kp, kv.vp, b, h, i0, grid.count(blk), w.qt.data(), w.dot.data(), delta, lse);
         grid.store(w.qt.data(), b, h, blk, dq);  // (each query's dq belongs to one pair)
       }
