@@ -156,10 +156,7 @@ int group_rows(const Lanes* vl, int64_t rows, int64_t nv, RowRange* out) {
 // (packing keys and values, moving query blocks into tiles) request them ahead with these.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = D * int64_t(sizeof(T));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-  __builtin_prefetch(p + bytes - 1);  // a row that starts mid-line ends on one more
+  simd::prefetch(row, D * int64_t(sizeof(T)));
 }
 template <typename T>
 inline void prefetch_rows(const T* first, int64_t stride, int64_t n, int64_t D) {

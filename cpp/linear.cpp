@@ -62,9 +62,7 @@ void pack_rows(const Weight& w, int64_t n0, int64_t width, int64_t k0, int64_t k
   const int64_t first = n0 / be * bb, span = ((n0 + width + be - 1) / be - n0 / be) * bb;
   for (int64_t k = 0; k < kc; ++k) {
     if (k + kAhead < kc) {
-      const uint8_t* ahead = w.data + (k0 + k + kAhead) * row_bytes + first;
-      for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(ahead + b);
-      __builtin_prefetch(ahead + span - 1);
+      simd::prefetch(w.data + (k0 + k + kAhead) * row_bytes + first, span);
     }
     dequantize_row(w, k0 + k, n0, width, row);
     for (int64_t j0 = 0; j0 < kPanel; j0 += kSlice) std::memcpy(dst + j0 * kc + k * kSlice, row + j0, kSlice * sizeof(float));

@@ -60,6 +60,15 @@ inline Vec<T> broadcast(T a) {
   return a - Vec<T>{};
 }
 
+// Requests the bytes [p, p + bytes) into the caches ahead of their use: a prefetch per 64-byte
+// line, and one for the last byte (a range that starts mid-line ends on one more line). For rows
+// far apart, where the hardware prefetchers (which stay within a 4 KiB page) do not follow.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  if (bytes > 0) __builtin_prefetch(c + bytes - 1);
+}
+
 // a * b + c rounded once wherever the target has FMA, explicitly: -ffp-contract=fast allows the
 // compiler to fuse a*b+c but does not make it, and GCC fused it in some loop shapes and not in
 // others (linear_forward_few: a lone accumulator came out as vmulps + vaddps, two side by side as
